@@ -1,0 +1,36 @@
+# `make serve` and `make test` each create or update .venv, install the project, then serve or test.
+PYTHON ?= python3
+VENV   ?= .venv
+# torch is installed first and pinned: on the dev machines 2.13.0 is a CPU wheel on local disk, while an
+# unpinned `torch` would pull a multi-GB CUDA build. Override on a GPU box, e.g. TORCH_SPEC='torch'.
+TORCH_SPEC ?= torch==2.13.0
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.press-installed
+
+.PHONY: install serve test lint format bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check '$(TORCH_SPEC)'
+	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/press serve $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check server engine tests bench
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check server engine tests bench
+	$(VENV)/bin/ruff format --check server engine tests bench
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format server engine tests bench
+	$(VENV)/bin/ruff check --fix server engine tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,26 @@
+"""Engine configuration: which model, where it runs, and the limits it enforces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str = "tiny-random"
+    # "auto": bf16 on CUDA, fp32 on CPU.
+    dtype: str = "auto"
+    # "auto": CUDA when available, else CPU.
+    device: str = "auto"
+    # Context length the server enforces (prompt + max_tokens); None takes the model's own.
+    max_model_len: int | None = None
+    # Upper bound on answer tokens when a request does not set max_tokens.
+    default_max_tokens: int = 1024
+    # Requests denoising at the same time; the rest wait in the queue.
+    max_num_seqs: int = 8
+    # Where built-in models (tiny-random) are materialised in Hugging Face layout.
+    cache_dir: str | None = None
+    # Name the API reports; None uses the model argument.
+    served_model_name: str | None = None
+    # Interop/intra-op threads for torch on CPU; None leaves torch's default.
+    torch_threads: int | None = None

@@ -1,0 +1,115 @@
+"""The denoising math of one pass, as pure tensor functions on a single canvas row.
+
+Each function mirrors one named step of DiffusionGemma's sampler: the temperature schedule, proposing a
+denoised canvas, accepting the lowest-entropy positions under an entropy bound, renoising the rest, and the
+stable-and-confident stop rule. All randomness comes from the caller's `torch.Generator`, drawn in the same
+order and shapes as transformers' reference loop, so a seed reproduces the reference exactly.
+
+Shapes: `logits` is (canvas_length, vocab) for one row; canvases are (canvas_length,) int64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Positions per chunk when computing entropies: bounds the fp32 temporaries to chunk x vocab instead of
+# canvas x vocab (each Categorical-style entropy needs log-probs, probs and their product).
+ENTROPY_CHUNK = 32
+
+
+def pass_temperature(steps_remaining: int, denoising_steps: int, t_min: float, t_max: float) -> torch.Tensor:
+    """Linear schedule, hot first: t = t_min + (t_max - t_min) * k / N with k counting down from N to 1.
+
+    Computed as a float32 tensor exactly as the reference does, because an ulp of difference in the
+    temperature can flip a sampled token.
+    """
+    k = torch.tensor(steps_remaining, dtype=torch.int32)
+    return t_min + (t_max - t_min) * (k / denoising_steps)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position, in nats, computed in position chunks."""
+    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_out = out.view(-1)
+    min_real = torch.finfo(logits.dtype).min
+    for start in range(0, flat_logits.shape[0], ENTROPY_CHUNK):
+        chunk = flat_logits[start : start + ENTROPY_CHUNK]
+        log_probs = chunk - chunk.logsumexp(dim=-1, keepdim=True)
+        probs = torch.softmax(log_probs, dim=-1)
+        flat_out[start : start + ENTROPY_CHUNK] = -(log_probs.clamp(min=min_real) * probs).sum(-1)
+    return out
+
+
+def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask tokens outside the smallest set whose probability mass reaches top_p (per position)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def propose_canvas(
+    logits: torch.Tensor, greedy: bool, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Sample one token per position from the (temperature-scaled) logits: the denoiser's canvas."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(nucleus_filter(logits, top_p), dim=-1, dtype=torch.float32)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def accept_mask(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
+    """Accept the k lowest-entropy positions with sum(entropy_1..k) - max(entropy_1..k) <= entropy_bound.
+
+    The left side bounds the joint mutual information of the accepted tokens, so they are close to
+    independent and can be committed together. The lowest-entropy position is always accepted.
+    """
+    sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
+    # Sorted ascending, so the running maximum is the current element.
+    keep_sorted = sorted_entropy.cumsum(dim=-1) - sorted_entropy <= entropy_bound
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def random_canvas(length: int, vocab_size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A canvas of uniformly random token ids: uniform-noise diffusion has no mask token."""
+    return torch.randint(0, vocab_size, (1, length), generator=generator, device=device)[0]
+
+
+def renoise(
+    current: torch.Tensor,
+    proposed: torch.Tensor,
+    accepted: torch.Tensor,
+    vocab_size: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Keep accepted positions from the proposal, earlier tokens elsewhere, then renoise what was not accepted.
+
+    The intermediate `where` mirrors the reference; non-accepted positions are overwritten by noise anyway.
+    """
+    accepted_canvas = torch.where(accepted, proposed, current)
+    noise = random_canvas(current.shape[-1], vocab_size, generator, current.device)
+    return torch.where(~accepted, noise, accepted_canvas)
+
+
+def is_stable(history: torch.Tensor, argmax_canvas: torch.Tensor) -> bool:
+    """True when the argmax canvas equals each of the last `len(history)` argmax canvases.
+
+    `history` is (stability_threshold, canvas_length), filled with -1 before any pass; with a threshold of
+    0 it is empty and the canvas counts as stable.
+    """
+    return bool((history == argmax_canvas[None, :]).all())
+
+
+def push_history(history: torch.Tensor, argmax_canvas: torch.Tensor) -> torch.Tensor:
+    if history.shape[0] == 0:
+        return history
+    return torch.cat([history[1:], argmax_canvas[None, :]], dim=0)
+
+
+def is_confident(entropy: torch.Tensor, confidence_threshold: float) -> bool:
+    """True when the mean entropy over the canvas is under the threshold."""
+    return bool(entropy.mean() < confidence_threshold)

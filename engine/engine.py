@@ -1,0 +1,228 @@
+"""The engine heartbeat: schedule, run one denoising pass per running request, post-process.
+
+Synchronous and single-threaded on purpose; `AsyncEngine` runs it on its own thread. Each call to
+`step()` advances every running request by exactly one decoder pass, so concurrent requests make progress
+together and a cancelled one is dropped at the next pass boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine import denoise
+from engine.config import EngineConfig
+from engine.detokenizer import TextStream
+from engine.events import CommitEvent, Event, FinishEvent, PassEvent
+from engine.loader import LoadedModel, load_model
+from engine.model_runner import ModelRunner
+from engine.request import DenoiseState
+from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.scheduler import Scheduler
+
+log = logging.getLogger("press.engine")
+
+
+class ContextLengthError(ValueError):
+    """Prompt plus max_tokens do not fit the model's context."""
+
+
+@dataclass
+class PassResult:
+    proposed_accepted: int
+    mean_entropy: float
+    finished_denoising: bool
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.loaded = loaded or load_model(config)
+        self.tokenizer = self.loaded.tokenizer
+        self.runner = ModelRunner(self.loaded)
+        self.scheduler = Scheduler(config.max_num_seqs)
+        self.canvas_length = self.loaded.canvas_length
+        self.vocab_size = self.loaded.vocab_size
+        self.max_model_len = self.loaded.max_model_len
+        self.defaults = self.loaded.defaults
+
+    # ----------------------------------------------------------------- requests
+
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len + max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
+                "Please reduce the length of the prompt or max_tokens."
+            )
+
+    def default_max_tokens(self, prompt_len: int) -> int:
+        return max(1, min(self.config.default_max_tokens, self.max_model_len - prompt_len))
+
+    def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> DenoiseState:
+        """Validate and build a request; raises SamplingParamsError or ContextLengthError."""
+        params.validate()
+        if not prompt_ids:
+            raise SamplingParamsError("prompt", "the prompt must contain at least one token")
+        if any(not (0 <= t < self.vocab_size) for t in prompt_ids):
+            raise SamplingParamsError("prompt", f"token ids must be in [0, {self.vocab_size})")
+        self.check_length(len(prompt_ids), params.max_tokens)
+        state = DenoiseState(
+            prompt_ids=list(prompt_ids), params=params, text=TextStream(self.tokenizer, list(params.stop))
+        )
+        if request_id:
+            state.request_id = request_id
+        state.canvas_length = self.canvas_length
+        generator = torch.Generator(device=self.loaded.device)
+        if params.seed is not None:
+            generator.manual_seed(params.seed)
+        else:
+            generator.seed()
+        state.generator = generator
+        return state
+
+    def add_request(self, state: DenoiseState) -> None:
+        self.scheduler.add(state)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---------------------------------------------------------------- heartbeat
+
+    def step(self, emit: Callable[[DenoiseState, Event], None]) -> None:
+        admitted, dropped = self.scheduler.schedule()
+        for state in dropped:
+            self._finish(state, "abort", emit)
+        for state in admitted:
+            try:
+                self.runner.prefill(state)
+                self._start_canvas(state)
+            except Exception as exc:  # a bad request must not take the engine down
+                log.exception("prefill failed for %s", state.request_id)
+                self._finish(state, "error", emit, error=str(exc))
+        for state in list(self.scheduler.running):
+            try:
+                self._denoise_pass(state, emit)
+            except Exception as exc:
+                log.exception("pass failed for %s", state.request_id)
+                self._finish(state, "error", emit, error=str(exc))
+
+    # ----------------------------------------------------------- denoising math
+
+    def _start_canvas(self, state: DenoiseState) -> None:
+        """Fresh canvas of uniform noise, no self-conditioning, empty stability history."""
+        state.canvas = denoise.random_canvas(self.canvas_length, self.vocab_size, state.generator, self.loaded.device)
+        state.argmax_canvas = state.canvas
+        state.self_conditioning = None
+        state.pass_index = 0
+        state.history = torch.full(
+            (state.params.stability_threshold, self.canvas_length), -1, dtype=torch.long, device=self.loaded.device
+        )
+
+    def _denoise_pass(self, state: DenoiseState, emit: Callable[[DenoiseState, Event], None]) -> None:
+        params = state.params
+        with torch.inference_mode():
+            logits = self.runner.denoise_logits(state)
+            if params.greedy:
+                processed = logits
+            else:
+                steps_remaining = params.denoising_steps - state.pass_index
+                processed = logits / denoise.pass_temperature(
+                    steps_remaining, params.denoising_steps, params.t_min, params.t_max
+                )
+            del logits
+            proposed = denoise.propose_canvas(processed, params.greedy, params.top_p, state.generator)
+            argmax_canvas = processed.argmax(dim=-1)
+            entropy = denoise.token_entropy(processed)
+            accepted = denoise.accept_mask(entropy, params.entropy_bound)
+            state.canvas = denoise.renoise(state.canvas, proposed, accepted, self.vocab_size, state.generator)
+            stable = denoise.is_stable(state.history, argmax_canvas)
+            state.history = denoise.push_history(state.history, argmax_canvas)
+            confident = denoise.is_confident(entropy, params.confidence_threshold)
+            state.self_conditioning = processed.to(self.runner.sc_dtype)[None]
+            state.argmax_canvas = argmax_canvas
+        state.pass_index += 1
+        state.total_passes += 1
+        argmax_ids = argmax_canvas.tolist()
+        emit(
+            state,
+            PassEvent(
+                canvas_index=state.canvas_index,
+                pass_index=state.pass_index - 1,
+                argmax_ids=argmax_ids,
+                accepted=int(accepted.sum()),
+                canvas_length=self.canvas_length,
+                mean_entropy=float(entropy.mean()),
+                draft_text=self._draft_text(argmax_ids, params) if params.include_drafts else None,
+            ),
+        )
+        if (stable and confident) or state.pass_index >= params.denoising_steps:
+            self._commit_canvas(state, argmax_ids, emit)
+
+    def _draft_text(self, ids: list[int], params: SamplingParams) -> str:
+        eos = set(params.eos_token_ids)
+        cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+        return self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
+
+    # ------------------------------------------------------------ post-process
+
+    def _commit_canvas(self, state: DenoiseState, canvas_ids: list[int], emit: Callable) -> None:
+        """Commit the argmax canvas: cut at EOS, stop strings and max_tokens; then finish or encode it."""
+        params = state.params
+        eos = set(params.eos_token_ids)
+        eos_at = next((i for i, t in enumerate(canvas_ids) if t in eos), None)
+        kept = canvas_ids if eos_at is None else canvas_ids[: eos_at + 1]
+        pad = self.loaded.model.config.get_text_config().pad_token_id
+        # tokens_per_forward as transformers defines it: denoised tokens up to EOS, pads excluded.
+        state.denoised_tokens += sum(1 for t in kept if t != pad)
+
+        room = params.max_tokens - len(state.answer_ids)
+        answer = kept[:room]
+        finish = None
+        if eos_at is not None and eos_at < room:
+            finish = "stop"
+        elif len(kept) > room or len(state.answer_ids) + len(answer) >= params.max_tokens:
+            finish = "length"
+        before = len(state.answer_ids)
+        state.answer_ids.extend(answer)
+        # The EOS token counts as generated (as in vLLM) but has no text.
+        delta, stop_match = state.text.add([t for t in answer if t not in eos])
+        if stop_match is not None:
+            # Cut the answer right after the tokens that produce the text before the stop string.
+            finish = "stop"
+            state.answer_ids = list(state.text.token_ids)
+            answer = state.answer_ids[before:]
+        emit(state, CommitEvent(state.canvas_index, answer, delta, state.pass_index))
+        state.canvas_index += 1
+        if finish is None and state.canvas_index >= state.max_canvases:
+            finish = "length"
+        if finish is not None:
+            self._finish(state, finish, emit)
+            return
+        self.runner.commit(state, torch.tensor(canvas_ids, device=self.loaded.device))
+        self._start_canvas(state)
+
+    def _finish(self, state: DenoiseState, reason: str, emit: Callable, error: str | None = None) -> None:
+        self.scheduler.finish(state)
+        state.finish_reason = reason
+        tail = state.text.flush() if reason in ("stop", "length") else ""
+        state.cache = None  # frees the KV cache now, not when the last reference goes
+        state.self_conditioning = None
+        emit(
+            state,
+            FinishEvent(
+                finish_reason=reason,
+                prompt_tokens=len(state.prompt_ids),
+                completion_tokens=len(state.answer_ids),
+                canvases=state.canvas_index,
+                passes=state.total_passes,
+                tokens_per_forward=state.tokens_per_forward,
+                text=tail,
+                error=error,
+            ),
+        )

@@ -1,0 +1,50 @@
+"""What the engine reports about a request: one event per pass, per committed canvas, and at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PassEvent:
+    """One refinement pass of a canvas. `draft_text` is the argmax canvas, cut at EOS, when drafts are on."""
+
+    canvas_index: int
+    pass_index: int
+    argmax_ids: list[int]
+    accepted: int
+    canvas_length: int
+    mean_entropy: float
+    draft_text: str | None = None
+
+    @property
+    def accepted_fraction(self) -> float:
+        return self.accepted / self.canvas_length
+
+
+@dataclass(frozen=True)
+class CommitEvent:
+    """A canvas was committed. `token_ids` are its answer tokens (cut at EOS, stop or max_tokens); `text`
+    is the newly safe text: held back while it could still be the start of a stop string."""
+
+    canvas_index: int
+    token_ids: list[int]
+    text: str
+    passes: int
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The request ended. `finish_reason`: stop (EOS or stop string), length, abort or error."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    canvases: int
+    passes: int
+    tokens_per_forward: float
+    text: str = ""
+    error: str | None = None
+
+
+Event = PassEvent | CommitEvent | FinishEvent

@@ -1,0 +1,101 @@
+"""Load a DiffusionGemma checkpoint (local directory, hub id or built-in name) through transformers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerBase
+
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+from engine.tiny_random import TINY_RANDOM, ensure_tiny_random
+
+log = logging.getLogger("press.engine")
+
+
+@dataclass
+class LoadedModel:
+    model: DiffusionGemmaForBlockDiffusion
+    tokenizer: PreTrainedTokenizerBase
+    path: str
+    device: torch.device
+    dtype: torch.dtype
+    canvas_length: int
+    vocab_size: int
+    max_model_len: int
+    defaults: SamplingParams  # the checkpoint's generation_config.json over transformers' defaults
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if spec not in dtypes:
+        raise ValueError(f"unknown dtype {spec!r}; choose one of auto, {', '.join(dtypes)}")
+    return dtypes[spec]
+
+
+def resolve_model_path(model: str, cache_dir: str | None) -> str:
+    if model == TINY_RANDOM:
+        return str(ensure_tiny_random(cache_dir))
+    return str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
+
+
+def checkpoint_defaults(model: DiffusionGemmaForBlockDiffusion, tokenizer: PreTrainedTokenizerBase) -> SamplingParams:
+    gc = model.generation_config
+    sampler = getattr(gc, "sampler_config", None)
+    eos = getattr(gc, "eos_token_id", None)
+    if eos is None:
+        eos = model.config.text_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    base = SamplingParams()
+    return SamplingParams(
+        max_tokens=getattr(gc, "max_new_tokens", None) or base.max_tokens,
+        denoising_steps=getattr(gc, "max_denoising_steps", None) or base.denoising_steps,
+        entropy_bound=getattr(sampler, "entropy_bound", None) or base.entropy_bound,
+        t_min=gc.t_min if getattr(gc, "t_min", None) is not None else base.t_min,
+        t_max=gc.t_max if getattr(gc, "t_max", None) is not None else base.t_max,
+        stability_threshold=(
+            gc.stability_threshold if getattr(gc, "stability_threshold", None) is not None
+            else base.stability_threshold
+        ),
+        confidence_threshold=getattr(gc, "confidence_threshold", None) or base.confidence_threshold,
+        eos_token_ids=eos_ids,
+    )  # fmt: skip
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    path = resolve_model_path(config.model, config.cache_dir)
+    log.info("loading %s on %s (%s)", path, device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype)
+    model = model.to(device).eval()
+    text_config = model.config.get_text_config()
+    max_len = text_config.max_position_embeddings
+    if config.max_model_len is not None:
+        max_len = min(max_len, config.max_model_len)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        path=path,
+        device=device,
+        dtype=dtype,
+        canvas_length=model.config.canvas_length,
+        vocab_size=text_config.vocab_size,
+        max_model_len=max_len,
+        defaults=checkpoint_defaults(model, tokenizer),
+    )

@@ -1,0 +1,56 @@
+"""One request's denoising state: its cache, the canvas being refined, and what has been committed."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.detokenizer import TextStream
+from engine.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, prompt not yet encoded
+    DENOISING = "denoising"  # a canvas is being refined pass by pass
+    FINISHED = "finished"
+
+
+@dataclass
+class DenoiseState:
+    """Mutable per-request state. Only the engine thread touches it, except `cancelled`."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    text: TextStream
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    status: RequestStatus = RequestStatus.WAITING
+    generator: torch.Generator | None = None
+    cache: object | None = None  # the encoder KV cache (transformers Cache), prompt + committed canvases
+    cached_len: int = 0  # positions held in the cache
+    canvas_index: int = 0
+    pass_index: int = 0  # passes done on the current canvas
+    canvas: torch.Tensor | None = None  # current noisy canvas (canvas_length,)
+    argmax_canvas: torch.Tensor | None = None
+    self_conditioning: torch.Tensor | None = None  # previous pass's processed logits, (1, L, V)
+    history: torch.Tensor | None = None  # last argmax canvases for the stability rule
+    answer_ids: list[int] = field(default_factory=list)  # committed answer tokens (cut at EOS/stop/length)
+    denoised_tokens: int = 0  # committed canvas tokens up to EOS, excluding pad, for tokens_per_forward
+    total_passes: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finish_reason: str | None = None
+
+    @property
+    def max_canvases(self) -> int:
+        return -(-self.params.max_tokens // self.canvas_length)
+
+    canvas_length: int = 0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.denoised_tokens / self.total_passes if self.total_passes else 0.0

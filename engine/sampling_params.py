@@ -1,0 +1,79 @@
+"""Per-request sampling parameters: the denoising schedule, acceptance and stop rules, length and stops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+# transformers' DiffusionGemmaGenerationConfig defaults; a checkpoint's generation_config.json overrides them.
+DEFAULT_DENOISING_STEPS = 48
+DEFAULT_ENTROPY_BOUND = 0.1
+DEFAULT_T_MIN = 0.4
+DEFAULT_T_MAX = 0.8
+DEFAULT_STABILITY_THRESHOLD = 1
+DEFAULT_CONFIDENCE_THRESHOLD = 0.005
+
+# OpenAI's reasoning_effort mapped onto the denoising budget: more passes and a tighter entropy bound
+# accept fewer positions per pass, so each accepted token is conditioned on more settled neighbours.
+REASONING_EFFORT_PRESETS: dict[str, dict[str, float | int]] = {
+    "low": {"denoising_steps": 24, "entropy_bound": 0.2},
+    "medium": {"denoising_steps": 48, "entropy_bound": 0.1},
+    "high": {"denoising_steps": 96, "entropy_bound": 0.05},
+}
+
+
+class SamplingParamsError(ValueError):
+    """A parameter value the engine cannot run; `param` names the offending field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    """Everything that shapes one request's denoising, resolved to concrete values.
+
+    `max_tokens` counts answer tokens; an answer spans ceil(max_tokens / canvas_length) canvases at most.
+    `t_max == 0` means greedy: the denoiser proposes the argmax token and no sampling noise is drawn
+    beyond the initial canvas and renoising.
+    """
+
+    max_tokens: int = 256
+    denoising_steps: int = DEFAULT_DENOISING_STEPS
+    entropy_bound: float = DEFAULT_ENTROPY_BOUND
+    t_min: float = DEFAULT_T_MIN
+    t_max: float = DEFAULT_T_MAX
+    stability_threshold: int = DEFAULT_STABILITY_THRESHOLD
+    confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    eos_token_ids: list[int] = field(default_factory=list)
+    include_drafts: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.t_max == 0.0
+
+    def with_changes(self, **changes: object) -> SamplingParams:
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise SamplingParamsError naming the first field that is out of range."""
+        checks: list[tuple[str, bool, str]] = [
+            ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
+            ("denoising_steps", 1 <= self.denoising_steps <= 1024, "must be between 1 and 1024"),
+            ("entropy_bound", self.entropy_bound > 0, "must be greater than 0"),
+            ("t_min", self.t_min >= 0, "must be at least 0"),
+            ("t_max", self.t_max >= 0, "must be at least 0"),
+            ("t_min", self.t_min <= self.t_max, "must not exceed t_max (temperature)"),
+            ("t_max", self.t_max <= 10, "must be at most 10"),
+            ("stability_threshold", 0 <= self.stability_threshold <= 1024, "must be between 0 and 1024"),
+            ("confidence_threshold", self.confidence_threshold > 0, "must be greater than 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("stop", len(self.stop) <= 16, "at most 16 stop sequences"),
+            ("stop", all(0 < len(s) <= 256 for s in self.stop), "stop sequences must be 1-256 characters"),
+        ]
+        for param, ok, message in checks:
+            if not ok:
+                raise SamplingParamsError(param, f"`{param}` {message}")
