@@ -52,9 +52,7 @@ def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def propose_canvas(
-    logits: torch.Tensor, greedy: bool, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
+def propose_canvas(logits: torch.Tensor, greedy: bool, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Sample one token per position from the (temperature-scaled) logits: the denoiser's canvas."""
     if greedy:
         return logits.argmax(dim=-1)
@@ -74,7 +72,9 @@ def accept_mask(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def random_canvas(length: int, vocab_size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def random_canvas(
+    length: int, vocab_size: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
     """A canvas of uniformly random token ids: uniform-noise diffusion has no mask token."""
     return torch.randint(0, vocab_size, (1, length), generator=generator, device=device)[0]
 

@@ -64,7 +64,9 @@ class LLMEngine:
     def default_max_tokens(self, prompt_len: int) -> int:
         return max(1, min(self.config.default_max_tokens, self.max_model_len - prompt_len))
 
-    def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> DenoiseState:
+    def make_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> DenoiseState:
         """Validate and build a request; raises SamplingParamsError or ContextLengthError."""
         params.validate()
         if not prompt_ids:

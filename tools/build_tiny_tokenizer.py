@@ -15,12 +15,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-MODULES = [
-    "argparse", "asyncio", "collections", "csv", "dataclasses", "datetime", "email", "functools", "heapq",
-    "http.client", "itertools", "json", "logging", "os", "pathlib", "pickle", "random", "re", "shutil",
-    "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "typing",
-    "unittest", "urllib.parse", "uuid", "zipfile",
-]  # fmt: skip
+MODULES = """
+argparse asyncio collections csv dataclasses datetime email functools heapq http.client itertools json logging os
+pathlib pickle random re shutil socket sqlite3 statistics string subprocess tarfile textwrap threading typing
+unittest urllib.parse uuid zipfile
+""".split()
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<image>", "<boi>", "<eoi>"]
 VOCAB_SIZE = 1024
 CHAT_TEMPLATE = (

@@ -1,0 +1,1 @@
+"""Press HTTP server: the OpenAI-compatible front end over the diffusion engine."""

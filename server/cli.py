@@ -1,0 +1,142 @@
+"""`press` command line: `press serve` runs the HTTP server, `press generate` denoises one prompt in the
+terminal, redrawing the draft canvas in place pass by pass."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from engine.config import EngineConfig
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=os.environ.get("PRESS_MODEL", "tiny-random"),
+                   help="checkpoint directory, hub id, or 'tiny-random' (default)")  # fmt: skip
+    p.add_argument("--config", help="YAML preset (configs/*.yaml); flags override it")
+    p.add_argument("--dtype", default=None, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length to enforce")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="requests denoising at once")
+    p.add_argument("--served-model-name", default=None, help="model name reported by the API")
+    p.add_argument("--cache-dir", default=None, help="where built-in models are materialised")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    values: dict = {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            preset = yaml.safe_load(f) or {}
+        known = EngineConfig.__dataclass_fields__
+        values.update({k: v for k, v in preset.items() if k in known})
+    if args.model != "tiny-random" or "model" not in values:
+        values["model"] = args.model
+    for key in ("dtype", "device", "max_model_len", "max_num_seqs", "served_model_name", "cache_dir"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    return EngineConfig(**values)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from server.app import ServerSettings, create_app
+
+    cfg = engine_config(args)
+    app = create_app(ServerSettings(engine=cfg, host=args.host, port=args.port))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def generate(args: argparse.Namespace) -> None:
+    from engine.engine import LLMEngine
+    from engine.events import CommitEvent, FinishEvent, PassEvent
+
+    engine = LLMEngine(engine_config(args))
+    tok = engine.tokenizer
+    if args.raw:
+        prompt = list(tok(args.prompt)["input_ids"])
+    else:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                       tokenize=False)  # fmt: skip
+        prompt = list(tok(text, add_special_tokens=False)["input_ids"])
+    params = engine.defaults.with_changes(max_tokens=args.max_tokens or engine.default_max_tokens(len(prompt)),
+                                          seed=args.seed, include_drafts=True)  # fmt: skip
+    if args.denoising_steps:
+        params = params.with_changes(denoising_steps=args.denoising_steps)
+    if args.temperature is not None:
+        params = params.with_changes(t_max=args.temperature, t_min=args.temperature / 2)
+    state = engine.make_request(prompt, params)
+    engine.add_request(state)
+    tty = sys.stdout.isatty()
+    committed = ""
+    drawn_lines = 0
+    finish: FinishEvent | None = None
+    start = time.perf_counter()
+
+    def clear() -> None:
+        nonlocal drawn_lines
+        if tty and drawn_lines:
+            sys.stdout.write(f"\x1b[{drawn_lines}F\x1b[J")
+        drawn_lines = 0
+
+    def emit(_state, event) -> None:
+        nonlocal committed, drawn_lines, finish
+        if isinstance(event, PassEvent):
+            line = (f"[canvas {event.canvas_index} pass {event.pass_index + 1:>3}/{params.denoising_steps} "
+                    f"accepted {event.accepted_fraction:4.0%} entropy {event.mean_entropy:.3f}]")  # fmt: skip
+            if tty:
+                clear()
+                body = (committed + event.draft_text).replace("\r", "")
+                out = f"{line}\n{body}\n"
+                sys.stdout.write(out)
+                drawn_lines = out.count("\n")
+                sys.stdout.flush()
+            else:
+                print(line)
+        elif isinstance(event, CommitEvent):
+            committed += event.text
+        elif isinstance(event, FinishEvent):
+            committed += event.text
+            finish = event
+
+    while engine.has_unfinished():
+        engine.step(emit)
+    clear()
+    elapsed = time.perf_counter() - start
+    print(committed)
+    if finish is not None:
+        print(f"\n--- finish: {finish.finish_reason} | {finish.completion_tokens} tokens | {finish.canvases} canvases "
+              f"| {finish.passes} passes | {finish.tokens_per_forward:.2f} tokens per forward | {elapsed:.2f} s",
+              file=sys.stderr)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="press", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    _engine_args(p_serve)
+    p_serve.add_argument("--host", default=os.environ.get("PRESS_HOST", "127.0.0.1"))
+    p_serve.add_argument("--port", type=int, default=int(os.environ.get("PRESS_PORT", "8000")))
+    p_serve.add_argument("--log-level", default="info")
+    p_gen = sub.add_parser("generate", help="denoise one prompt in the terminal, showing every pass")
+    _engine_args(p_gen)
+    p_gen.add_argument("prompt")
+    p_gen.add_argument("--max-tokens", type=int, default=None)
+    p_gen.add_argument("--denoising-steps", type=int, default=None)
+    p_gen.add_argument("--temperature", type=float, default=None)
+    p_gen.add_argument("--seed", type=int, default=None)
+    p_gen.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as text")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        serve(args)
+    else:
+        generate(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The OpenAI error envelope, built in one place, and the handlers that turn failures into it."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("press.server")
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _param_of(loc: tuple) -> str | None:
+    # Drop the "body" root and pydantic's union-branch labels such as "str" or "list[int]".
+    parts = [str(p) for p in loc if p != "body"]
+    cleaned = [p for p in parts if not any(ch in p for ch in "[]") and p not in {"str", "int", "function-after"}]
+    if not cleaned:
+        return None
+    out = cleaned[0]
+    for p in cleaned[1:]:
+        out += f"[{p}]" if p.isdigit() else f".{p}"
+    return out
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if not errors:
+        return bad_request("invalid request body")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return bad_request("The request body is not valid JSON.", code="invalid_json")
+    if first.get("type") == "missing" and first.get("loc") == ("body",):
+        return bad_request("The request body is missing; send a JSON object.", code="invalid_json")
+    if first.get("type") == "model_attributes_type":
+        return bad_request("The request body must be a JSON object.", code="invalid_json")
+    param = _param_of(tuple(first.get("loc", ())))
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+        return bad_request(message, param=param, code="missing_required_parameter")
+    value = first.get("input")
+    shown = json.dumps(value, default=str)[:80] if value is not None else "null"
+    return bad_request(f"Invalid value for '{param}': {msg} (got {shown}).", param=param, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        return APIError(
+            exc.status_code,
+            str(exc.detail),
+            type=kind.get(exc.status_code, "invalid_request_error"),
+            code=code.get(exc.status_code),
+            headers=getattr(exc, "headers", None),
+        ).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, "Internal server error.", type="server_error", code="internal_error").response()

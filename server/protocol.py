@@ -1,0 +1,184 @@
+"""Pydantic models of the OpenAI API subset Press speaks, plus its diffusion extensions.
+
+Only request and response shapes live here; turning a request into engine work is serving.py's job.
+Unknown request fields are accepted and ignored, as the OpenAI spec grows faster than any server.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: StrictBool = False
+    # Press extension: one chunk per refinement pass carrying a `draft` object (default on).
+    include_drafts: StrictBool = True
+
+
+class DiffusionParams(BaseModel):
+    """Sampling fields shared by both endpoints (OpenAI's plus the diffusion extensions)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
+    seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    # Accepted for compatibility; they have no diffusion counterpart and are ignored.
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    # Rejected with a clear error when set to something we cannot honour (see serving.unsupported).
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: dict[str, float] | None = None
+    # Diffusion extensions.
+    denoising_steps: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
+    entropy_bound: Annotated[float, Field(gt=0)] | None = None
+    t_min: Annotated[float, Field(ge=0, le=10)] | None = None
+    t_max: Annotated[float, Field(ge=0, le=10)] | None = None
+    stability_threshold: Annotated[StrictInt, Field(ge=0, le=1024)] | None = None
+    confidence_threshold: Annotated[float, Field(gt=0)] | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class OtherPart(BaseModel):
+    """Image, audio and file parts: parsed so the error can name them, then rejected."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url", "input_audio", "file", "refusal"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[Annotated[TextPart | OtherPart, Field(discriminator="type")]] | None = None
+    name: StrictStr | None = None
+
+
+class ChatCompletionRequest(DiffusionParams):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(DiffusionParams):
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1)]
+        | Annotated[list[StrictInt], Field(min_length=1)]
+        | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)]
+    )
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+
+
+# ---------------------------------------------------------------- responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Draft(BaseModel):
+    """Press extension on stream chunks: one refinement pass of the canvas being denoised."""
+
+    canvas_index: int
+    pass_index: int
+    text: str
+    accepted_fraction: float
+    mean_entropy: float
+
+
+class DiffusionStats(BaseModel):
+    """Press extension on a finished choice: how the answer was denoised."""
+
+    canvases: int
+    passes: int
+    tokens_per_forward: float
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ResponseMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+    diffusion: DiffusionStats | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+    diffusion: DiffusionStats | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "press"
+    max_model_len: int
+    canvas_length: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

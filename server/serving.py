@@ -1,0 +1,361 @@
+"""Turns validated OpenAI requests into engine requests, and engine events into OpenAI responses.
+
+One class serves both endpoints: chat and text completions differ only in how the prompt is built and
+in the shape of a choice, so those are the two places they branch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from sse_starlette.sse import EventSourceResponse
+
+from engine.async_engine import AsyncEngine
+from engine.engine import ContextLengthError
+from engine.events import CommitEvent, Event, FinishEvent, PassEvent
+from engine.request import DenoiseState
+from engine.sampling_params import REASONING_EFFORT_PRESETS, SamplingParams, SamplingParamsError
+from server.errors import APIError, bad_request
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DiffusionParams,
+    DiffusionStats,
+    Draft,
+)
+
+MAX_CHOICES = 64
+
+
+@dataclass
+class ChoiceResult:
+    text: list[str] = field(default_factory=list)
+    finish: FinishEvent | None = None
+
+
+def _dump(obj: dict) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+class Serving:
+    def __init__(self, engine: AsyncEngine, model_name: str, aliases: tuple[str, ...] = ()) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.aliases = {model_name, *aliases}
+        self.tokenizer = engine.engine.tokenizer
+
+    # ------------------------------------------------------------ validation
+
+    def check_model(self, model: str) -> None:
+        if model not in self.aliases:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist. This server serves '{self.model_name}'.",
+                param="model",
+                code="model_not_found",
+            )
+
+    @staticmethod
+    def reject_unsupported(req: DiffusionParams) -> None:
+        """Known OpenAI features Press cannot honour: refuse them loudly instead of ignoring them."""
+        if req.logprobs not in (None, False, 0):
+            raise bad_request("'logprobs' is not supported by this diffusion server.", param="logprobs")
+        if req.top_logprobs not in (None, 0):
+            raise bad_request("'top_logprobs' is not supported by this diffusion server.", param="top_logprobs")
+        if req.logit_bias:
+            raise bad_request("'logit_bias' is not supported by this diffusion server.", param="logit_bias")
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+        if isinstance(req, ChatCompletionRequest):
+            if req.tools:
+                raise bad_request("'tools' (function calling) is not supported by this server.", param="tools")
+            if req.tool_choice not in (None, "none"):
+                raise bad_request("'tool_choice' is not supported by this server.", param="tool_choice")
+            if req.response_format and req.response_format.get("type") not in (None, "text"):
+                raise bad_request("Only response_format type 'text' is supported.", param="response_format")
+        if isinstance(req, CompletionRequest):
+            if req.echo:
+                raise bad_request("'echo' is not supported by this diffusion server.", param="echo")
+            if req.suffix:
+                raise bad_request("'suffix' is not supported by this diffusion server.", param="suffix")
+            if req.best_of is not None and req.best_of != req.n:
+                raise bad_request("'best_of' other than n is not supported.", param="best_of")
+
+    def sampling_params(self, req: DiffusionParams, max_tokens: int | None, prompt_len: int) -> SamplingParams:
+        """Resolve request fields over the checkpoint's defaults into concrete SamplingParams."""
+        d = self.engine.engine.defaults
+        preset = REASONING_EFFORT_PRESETS.get(req.reasoning_effort or "", {})
+        t_max, t_min = d.t_max, d.t_min
+        if req.temperature is not None:
+            # temperature sets the schedule's top; the bottom follows at half unless given.
+            t_max, t_min = req.temperature, req.temperature / 2
+        if req.t_max is not None:
+            t_max = req.t_max
+            if req.temperature is None:
+                t_min = min(t_min, t_max)
+        if req.t_min is not None:
+            t_min = req.t_min
+        if t_min > t_max:
+            raise bad_request(f"'t_min' ({t_min}) must not exceed t_max / temperature ({t_max}).", param="t_min")
+        if t_max == 0:
+            t_min = 0.0
+        if max_tokens is None:
+            max_tokens = self.engine.engine.default_max_tokens(prompt_len)
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        include_drafts = bool(req.stream and (req.stream_options is None or req.stream_options.include_drafts))
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            denoising_steps=req.denoising_steps or int(preset.get("denoising_steps", d.denoising_steps)),
+            entropy_bound=req.entropy_bound or float(preset.get("entropy_bound", d.entropy_bound)),
+            t_min=t_min,
+            t_max=t_max,
+            stability_threshold=(
+                req.stability_threshold if req.stability_threshold is not None else d.stability_threshold
+            ),
+            confidence_threshold=req.confidence_threshold or d.confidence_threshold,
+            top_p=req.top_p if req.top_p is not None else 1.0,
+            seed=req.seed,
+            stop=stop,
+            eos_token_ids=list(d.eos_token_ids),
+            include_drafts=include_drafts,
+        )
+        try:
+            params.validate()
+        except SamplingParamsError as exc:
+            raise bad_request(str(exc), param=exc.param) from exc
+        return params
+
+    # ---------------------------------------------------------------- prompts
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        messages = []
+        for i, m in enumerate(req.messages):
+            if isinstance(m.content, list):
+                parts = []
+                for j, part in enumerate(m.content):
+                    if part.type != "text":
+                        raise bad_request(
+                            f"Content part type '{part.type}' is not supported; this server takes text only.",
+                            param=f"messages[{i}].content[{j}].type",
+                        )
+                    parts.append(part.text)
+                content = "\n".join(parts)
+            else:
+                content = m.content or ""
+            messages.append({"role": m.role, "content": content})
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja raises for role orders a template does not allow
+            raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from exc
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [p]
+        elif p and isinstance(p[0], str):
+            prompts = list(p)
+        elif p and isinstance(p[0], int):
+            return [list(p)]
+        else:
+            return [list(x) for x in p]
+        out = []
+        for text in prompts:
+            ids = list(self.tokenizer(text)["input_ids"])
+            if not ids:
+                raise bad_request("The prompt must not be empty.", param="prompt")
+            out.append(ids)
+        return out
+
+    def make_states(
+        self, req: DiffusionParams, prompts: list[list[int]], max_tokens: int | None, prompt_param: str
+    ) -> list[DenoiseState]:
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise bad_request(f"At most {MAX_CHOICES} choices (prompts x n) per request.", param="n")
+        states = []
+        for p_idx, prompt in enumerate(prompts):
+            params = self.sampling_params(req, max_tokens, len(prompt))
+            for i in range(req.n):
+                choice_params = params
+                if params.seed is not None and (p_idx or i):
+                    # Distinct but reproducible streams per choice.
+                    choice_params = params.with_changes(seed=(params.seed + p_idx * req.n + i) % 2**63)
+                try:
+                    states.append(self.engine.engine.make_request(prompt, choice_params))
+                except ContextLengthError as exc:
+                    raise bad_request(str(exc), param=prompt_param, code="context_length_exceeded") from exc
+                except SamplingParamsError as exc:
+                    param = prompt_param if exc.param == "prompt" else exc.param
+                    raise bad_request(str(exc), param=param) from exc
+        return states
+
+    # ------------------------------------------------------------ generation
+
+    async def merged_events(self, states: list[DenoiseState]) -> AsyncIterator[tuple[int, Event]]:
+        """Events of all choices as they come, tagged with the choice index."""
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        async def pump(index: int, state: DenoiseState) -> None:
+            try:
+                async for event in self.engine.generate(state):
+                    await queue.put((index, event))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await queue.put((index, FinishEvent("error", len(state.prompt_ids), 0, 0, 0, 0.0, error=str(exc))))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(states)]
+        try:
+            remaining = len(states)
+            while remaining:
+                index, event = await queue.get()
+                yield index, event
+                if isinstance(event, FinishEvent):
+                    remaining -= 1
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def collect(self, states: list[DenoiseState], request: Request) -> list[ChoiceResult]:
+        """Run to completion; a client that disconnects cancels its requests."""
+        results = [ChoiceResult() for _ in states]
+
+        async def consume() -> None:
+            async for index, event in self.merged_events(states):
+                if isinstance(event, CommitEvent):
+                    results[index].text.append(event.text)
+                elif isinstance(event, FinishEvent):
+                    results[index].text.append(event.text)
+                    results[index].finish = event
+
+        async def disconnected() -> None:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        work = asyncio.create_task(consume())
+        watch = asyncio.create_task(disconnected())
+        try:
+            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+        if work not in done:
+            raise APIError(499, "Client closed the request.", code="client_closed_request")
+        work.result()
+        for r in results:
+            if r.finish is not None and r.finish.finish_reason == "error":
+                raise APIError(500, f"Generation failed: {r.finish.error}", type="server_error", code="engine_error")
+        return results
+
+    @staticmethod
+    def usage(prompt_tokens: int, finishes: list[FinishEvent | None]) -> dict:
+        completion = sum(f.completion_tokens for f in finishes if f is not None)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+
+    @staticmethod
+    def stats(finish: FinishEvent) -> dict:
+        return DiffusionStats(
+            canvases=finish.canvases, passes=finish.passes, tokens_per_forward=round(finish.tokens_per_forward, 4)
+        ).model_dump()
+
+    # ------------------------------------------------------------- responses
+
+    async def respond(
+        self, req: DiffusionParams, states: list[DenoiseState], prompt_tokens: int, request: Request, chat: bool
+    ) -> dict | EventSourceResponse:
+        """`prompt_tokens` bills each distinct prompt once, as OpenAI does for n > 1."""
+        if req.stream:
+            return EventSourceResponse(
+                self.stream(req, states, prompt_tokens, chat), sep="\n", ping=15, headers={"X-Accel-Buffering": "no"}
+            )
+        results = await self.collect(states, request)
+        created = int(time.time())
+        choices = []
+        for i, r in enumerate(results):
+            text = "".join(r.text)
+            reason = r.finish.finish_reason
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                                 "finish_reason": reason, "logprobs": None, "diffusion": self.stats(r.finish)})  # fmt: skip
+            else:
+                choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None,
+                                "diffusion": self.stats(r.finish)})  # fmt: skip
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": self.model_name,
+            "choices": choices,
+            "usage": self.usage(prompt_tokens, [r.finish for r in results]),
+        }
+
+    async def stream(
+        self, req: DiffusionParams, states: list[DenoiseState], prompt_tokens: int, chat: bool
+    ) -> AsyncIterator[dict]:
+        """SSE events: role first, a draft per pass, content per commit, one finish per choice, usage, [DONE]."""
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(choices: list[dict], usage: dict | None = None, final_usage: bool = False) -> dict:
+            body = {
+                "id": cid,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+            }
+            if include_usage:
+                body["usage"] = usage if final_usage else None
+            return {"data": _dump(body)}
+
+        def choice(index: int, content: str | None, finish: str | None = None, **extra: object) -> dict:
+            if chat:
+                delta = {} if content is None else {"content": content}
+                return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}
+            return {"index": index, "text": content or "", "logprobs": None, "finish_reason": finish, **extra}
+
+        if chat:
+            for i in range(len(states)):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])  # fmt: skip
+        finishes: list[FinishEvent | None] = [None] * len(states)
+        async for index, event in self.merged_events(states):
+            if isinstance(event, PassEvent):
+                if event.draft_text is not None:
+                    draft = Draft(
+                        canvas_index=event.canvas_index,
+                        pass_index=event.pass_index,
+                        text=event.draft_text,
+                        accepted_fraction=round(event.accepted_fraction, 4),
+                        mean_entropy=round(event.mean_entropy, 4),
+                    )
+                    yield chunk([choice(index, None, draft=draft.model_dump())])
+            elif isinstance(event, CommitEvent):
+                if event.text:
+                    yield chunk([choice(index, event.text)])
+            elif isinstance(event, FinishEvent):
+                finishes[index] = event
+                if event.finish_reason == "error":
+                    err = {"message": f"Generation failed: {event.error}", "type": "server_error", "param": None,
+                           "code": "engine_error"}  # fmt: skip
+                    yield {"data": _dump({"error": err})}
+                    yield {"data": "[DONE]"}
+                    return
+                yield chunk([choice(index, event.text or None, event.finish_reason, diffusion=self.stats(event))])
+        if include_usage:
+            yield chunk([], self.usage(prompt_tokens, finishes), final_usage=True)
+        yield {"data": "[DONE]"}
