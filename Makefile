@@ -21,12 +21,12 @@ serve: $(STAMP)
 	$(VENV)/bin/press serve $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check server engine tests bench
+	$(VENV)/bin/ruff check server engine tests bench tools
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server engine tests bench
-	$(VENV)/bin/ruff format --check server engine tests bench
+	$(VENV)/bin/ruff check server engine tests bench tools
+	$(VENV)/bin/ruff format --check server engine tests bench tools
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format server engine tests bench

@@ -64,10 +64,16 @@ class ModelHolder:
     def require(self) -> Serving:
         if self.serving is None:
             if self.error:
-                raise APIError(503, f"The model failed to load: {self.error}", type="server_error",
-                               code="model_load_failed")  # fmt: skip
-            raise APIError(503, "The model is still loading; retry shortly.", type="server_error",
-                           code="model_loading", headers={"Retry-After": "5"})  # fmt: skip
+                raise APIError(
+                    503, f"The model failed to load: {self.error}", type="server_error", code="model_load_failed"
+                )
+            raise APIError(
+                503,
+                "The model is still loading; retry shortly.",
+                type="server_error",
+                code="model_loading",
+                headers={"Retry-After": "5"},
+            )
         return self.serving
 
     def shutdown(self) -> None:
@@ -88,8 +94,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         yield
         holder.shutdown()
 
-    app = FastAPI(title="Press", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible server for block-diffusion language models.")  # fmt: skip
+    app = FastAPI(
+        title="Press",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible server for block-diffusion language models.",
+    )
     app.state.holder = holder
     install_error_handlers(app)
 
@@ -108,12 +118,15 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def models() -> ModelList:
         serving = holder.require()
         loaded = serving.engine.engine.loaded
-        card = ModelCard(id=serving.model_name, created=int(holder.started), max_model_len=loaded.max_model_len,
-                         canvas_length=loaded.canvas_length)  # fmt: skip
+        card = ModelCard(
+            id=serving.model_name,
+            created=int(holder.started),
+            max_model_len=loaded.max_model_len,
+            canvas_length=loaded.canvas_length,
+        )
         return ModelList(data=[card])
 
-    @app.post("/v1/chat/completions", response_model=None,
-              responses={200: {"model": ChatCompletionResponse}, **ERRORS})  # fmt: skip
+    @app.post("/v1/chat/completions", response_model=None, responses={200: {"model": ChatCompletionResponse}, **ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         serving = holder.require()
         serving.check_model(body.model)
@@ -123,8 +136,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         states = serving.make_states(body, [prompt], max_tokens, prompt_param="messages")
         return await serving.respond(body, states, len(prompt), request, chat=True)
 
-    @app.post("/v1/completions", response_model=None,
-              responses={200: {"model": CompletionResponse}, **ERRORS})  # fmt: skip
+    @app.post("/v1/completions", response_model=None, responses={200: {"model": CompletionResponse}, **ERRORS})
     async def completions(body: CompletionRequest, request: Request):
         serving = holder.require()
         serving.check_model(body.model)

@@ -13,8 +13,11 @@ from engine.config import EngineConfig
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=os.environ.get("PRESS_MODEL", "tiny-random"),
-                   help="checkpoint directory, hub id, or 'tiny-random' (default)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        default=os.environ.get("PRESS_MODEL", "tiny-random"),
+        help="checkpoint directory, hub id, or 'tiny-random' (default)",
+    )
     p.add_argument("--config", help="YAML preset (configs/*.yaml); flags override it")
     p.add_argument("--dtype", default=None, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
@@ -60,11 +63,13 @@ def generate(args: argparse.Namespace) -> None:
     if args.raw:
         prompt = list(tok(args.prompt)["input_ids"])
     else:
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                       tokenize=False)  # fmt: skip
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
+        )
         prompt = list(tok(text, add_special_tokens=False)["input_ids"])
-    params = engine.defaults.with_changes(max_tokens=args.max_tokens or engine.default_max_tokens(len(prompt)),
-                                          seed=args.seed, include_drafts=True)  # fmt: skip
+    params = engine.defaults.with_changes(
+        max_tokens=args.max_tokens or engine.default_max_tokens(len(prompt)), seed=args.seed, include_drafts=True
+    )
     if args.denoising_steps:
         params = params.with_changes(denoising_steps=args.denoising_steps)
     if args.temperature is not None:
@@ -86,8 +91,10 @@ def generate(args: argparse.Namespace) -> None:
     def emit(_state, event) -> None:
         nonlocal committed, drawn_lines, finish
         if isinstance(event, PassEvent):
-            line = (f"[canvas {event.canvas_index} pass {event.pass_index + 1:>3}/{params.denoising_steps} "
-                    f"accepted {event.accepted_fraction:4.0%} entropy {event.mean_entropy:.3f}]")  # fmt: skip
+            line = (
+                f"[canvas {event.canvas_index} pass {event.pass_index + 1:>3}/{params.denoising_steps} "
+                f"accepted {event.accepted_fraction:4.0%} entropy {event.mean_entropy:.3f}]"
+            )
             if tty:
                 clear()
                 body = (committed + event.draft_text).replace("\r", "")
@@ -109,9 +116,11 @@ def generate(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - start
     print(committed)
     if finish is not None:
-        print(f"\n--- finish: {finish.finish_reason} | {finish.completion_tokens} tokens | {finish.canvases} canvases "
-              f"| {finish.passes} passes | {finish.tokens_per_forward:.2f} tokens per forward | {elapsed:.2f} s",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"\n--- finish: {finish.finish_reason} | {finish.completion_tokens} tokens | {finish.canvases} canvases "
+            f"| {finish.passes} passes | {finish.tokens_per_forward:.2f} tokens per forward | {elapsed:.2f} s",
+            file=sys.stderr,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

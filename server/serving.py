@@ -288,11 +288,25 @@ class Serving:
             text = "".join(r.text)
             reason = r.finish.finish_reason
             if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                                 "finish_reason": reason, "logprobs": None, "diffusion": self.stats(r.finish)})  # fmt: skip
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "finish_reason": reason,
+                        "logprobs": None,
+                        "diffusion": self.stats(r.finish),
+                    }
+                )
             else:
-                choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None,
-                                "diffusion": self.stats(r.finish)})  # fmt: skip
+                choices.append(
+                    {
+                        "index": i,
+                        "text": text,
+                        "finish_reason": reason,
+                        "logprobs": None,
+                        "diffusion": self.stats(r.finish),
+                    }
+                )
         return {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if chat else "text_completion",
@@ -330,8 +344,16 @@ class Serving:
 
         if chat:
             for i in range(len(states)):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])  # fmt: skip
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
         finishes: list[FinishEvent | None] = [None] * len(states)
         async for index, event in self.merged_events(states):
             if isinstance(event, PassEvent):
@@ -350,8 +372,12 @@ class Serving:
             elif isinstance(event, FinishEvent):
                 finishes[index] = event
                 if event.finish_reason == "error":
-                    err = {"message": f"Generation failed: {event.error}", "type": "server_error", "param": None,
-                           "code": "engine_error"}  # fmt: skip
+                    err = {
+                        "message": f"Generation failed: {event.error}",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "engine_error",
+                    }
                     yield {"data": _dump({"error": err})}
                     yield {"data": "[DONE]"}
                     return
