@@ -25,6 +25,7 @@ class TextStream:
     stop: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the text already handed out
+    stopped: bool = False  # a stop string was found: the text is final at `emitted` characters
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -42,6 +43,7 @@ class TextStream:
         if match is not None:
             delta = match.text[self.emitted :]
             self.emitted = len(match.text)
+            self.stopped = True
             return delta, match
         safe = len(text)
         while safe > self.emitted and text[safe - 1] == "\ufffd":
@@ -58,6 +60,8 @@ class TextStream:
 
     def flush(self) -> str:
         """The rest of the text once no more tokens will come."""
+        if self.stopped:
+            return ""
         text = self.text
         delta = text[self.emitted :]
         self.emitted = len(text)

@@ -105,7 +105,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok"}
+        """Liveness; also reports the engine's load so operators and tests can see work drain."""
+        body: dict = {"status": "ok"}
+        if holder.serving is not None:
+            engine = holder.serving.engine
+            body.update(running=engine.num_running, waiting=engine.num_waiting)
+        return body
 
     @app.get("/ready", responses={503: {"model": ErrorResponse}})
     async def ready() -> JSONResponse:

@@ -40,6 +40,9 @@ class APIError(Exception):
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 whose message names the offending field, so a user can fix the request without the docs."""
+    if param and f"'{param}'" not in message and f"`{param}`" not in message and code != "context_length_exceeded":
+        message = f"Invalid value for '{param}': {message}"
     return APIError(400, message, param=param, code=code)
 
 
@@ -55,11 +58,25 @@ def _param_of(loc: tuple) -> str | None:
     return out
 
 
+def _most_relevant(errors: list[dict]) -> dict:
+    """For a union field (stop: str | list[str]) pydantic reports one error per branch; report the branch
+    that matches the JSON type the client actually sent, e.g. the list's length for a list."""
+    first = errors[0]
+    same_field = [e for e in errors if _param_of(tuple(e.get("loc", ()))) == _param_of(tuple(first.get("loc", ())))]
+    value = first.get("input")
+    wanted = "list[" if isinstance(value, list) else None
+    if wanted:
+        for e in same_field:
+            if any(wanted in str(p) for p in e.get("loc", ())):
+                return e
+    return first
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if not errors:
         return bad_request("invalid request body")
-    first = errors[0]
+    first = _most_relevant(errors)
     if first.get("type") == "json_invalid":
         return bad_request("The request body is not valid JSON.", code="invalid_json")
     if first.get("type") == "missing" and first.get("loc") == ("body",):

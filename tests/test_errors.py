@@ -1,0 +1,127 @@
+"""Bad input gets a 4xx in the OpenAI error envelope naming the field, and the server keeps serving."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ServerProcess
+from tests.schemas import validate
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+OK_CHAT = {"model": "tiny-random", "messages": MSG, "max_tokens": 8, "denoising_steps": 2}
+
+# (name, path, body, status, param, code) - body None/str means a raw, non-object body.
+BAD = [
+    ("invalid-json", CHAT, "{not json", 400, None, "invalid_json"),
+    ("body-is-array", CHAT, "[1, 2]", 400, None, "invalid_json"),
+    ("missing-model", CHAT, {"messages": MSG}, 400, "model", "missing_required_parameter"),
+    ("missing-messages", CHAT, {"model": "tiny-random"}, 400, "messages", "missing_required_parameter"),
+    ("empty-messages", CHAT, {"model": "tiny-random", "messages": []}, 400, "messages", "invalid_value"),
+    ("bad-role", CHAT, {"model": "tiny-random", "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages[0].role", "invalid_value"),
+    ("image-part", CHAT, {"model": "tiny-random", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages[0].content[0].type", None),
+    ("temperature-string", CHAT, {**OK_CHAT, "temperature": "hot"}, 400, "temperature", "invalid_value"),
+    ("temperature-too-high", CHAT, {**OK_CHAT, "temperature": 5}, 400, "temperature", "invalid_value"),
+    ("max-tokens-zero", CHAT, {**OK_CHAT, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ("max-tokens-float", CHAT, {**OK_CHAT, "max_tokens": 1.5}, 400, "max_tokens", "invalid_value"),
+    ("context-too-long", CHAT, {**OK_CHAT, "max_tokens": 100000}, 400, "messages", "context_length_exceeded"),
+    ("n-zero", CHAT, {**OK_CHAT, "n": 0}, 400, "n", "invalid_value"),
+    ("top-p-above-1", CHAT, {**OK_CHAT, "top_p": 1.5}, 400, "top_p", "invalid_value"),
+    ("unknown-model", CHAT, {**OK_CHAT, "model": "gpt-9"}, 404, "model", "model_not_found"),
+    ("too-many-stops", CHAT, {**OK_CHAT, "stop": [str(i) for i in range(17)]}, 400, "stop", "invalid_value"),
+    ("denoising-steps-zero", CHAT, {**OK_CHAT, "denoising_steps": 0}, 400, "denoising_steps", "invalid_value"),
+    ("entropy-bound-negative", CHAT, {**OK_CHAT, "entropy_bound": -1}, 400, "entropy_bound", "invalid_value"),
+    ("t-min-above-t-max", CHAT, {**OK_CHAT, "t_min": 0.9, "t_max": 0.5}, 400, "t_min", None),
+    ("confidence-zero", CHAT, {**OK_CHAT, "confidence_threshold": 0}, 400, "confidence_threshold", "invalid_value"),
+    ("stability-negative", CHAT, {**OK_CHAT, "stability_threshold": -1}, 400, "stability_threshold",
+     "invalid_value"),
+    ("reasoning-effort", CHAT, {**OK_CHAT, "reasoning_effort": "extreme"}, 400, "reasoning_effort", "invalid_value"),
+    ("logprobs", CHAT, {**OK_CHAT, "logprobs": True}, 400, "logprobs", None),
+    ("tools", CHAT, {**OK_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
+    ("stream-options-without-stream", CHAT, {**OK_CHAT, "stream_options": {"include_usage": True}}, 400,
+     "stream_options", None),
+    ("seed-string", CHAT, {**OK_CHAT, "seed": "abc"}, 400, "seed", "invalid_value"),
+    ("seed-too-big", CHAT, {**OK_CHAT, "seed": 2**70}, 400, "seed", "invalid_value"),
+    ("stream-not-bool", CHAT, {**OK_CHAT, "stream": "yes"}, 400, "stream", "invalid_value"),
+    ("prompt-missing", COMP, {"model": "tiny-random"}, 400, "prompt", "missing_required_parameter"),
+    ("prompt-empty", COMP, {"model": "tiny-random", "prompt": ""}, 400, "prompt", None),
+    ("prompt-token-out-of-range", COMP, {"model": "tiny-random", "prompt": [5, 999999]}, 400, "prompt", None),
+    ("prompt-too-long", COMP, {"model": "tiny-random", "prompt": [10] * 5000}, 400, "prompt",
+     "context_length_exceeded"),
+    ("echo", COMP, {"model": "tiny-random", "prompt": "x", "echo": True}, 400, "echo", None),
+    ("prompt-wrong-type", COMP, {"model": "tiny-random", "prompt": {"text": "x"}}, 400, "prompt", "invalid_value"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,path,body,status,param,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_clear_4xx(server, name, path, body, status, param, code):
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        if isinstance(body, str):
+            r = http.post(path, content=body, headers={"content-type": "application/json"})
+        else:
+            r = http.post(path, json=body)
+        assert r.status_code == status, r.text
+        payload = r.json()
+        validate(payload, "ErrorResponse")
+        err = payload["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["param"] == param, err
+        assert err["code"] == code, err
+        assert err["message"]
+        if param and code != "context_length_exceeded":
+            assert param in err["message"], err
+        # ... and the server keeps serving.
+        ok = http.post(CHAT, json=OK_CHAT)
+        assert ok.status_code == 200, ok.text
+
+
+def test_sdk_raises_without_retrying(server):
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=2)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="tiny-random", messages=MSG, max_tokens=100000)
+    assert exc.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=MSG)
+
+
+def test_unknown_route_and_method(server):
+    r = httpx.get(server.base_url + "/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.get(server.base_url + CHAT)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_unknown_fields_are_ignored(server):
+    r = httpx.post(server.base_url + CHAT, json={**OK_CHAT, "some_future_field": {"a": 1}, "presence_penalty": 0.5})
+    assert r.status_code == 200
+
+
+def test_model_that_fails_to_load_reports_503(tmp_path):
+    proc = ServerProcess(["--model", str(tmp_path / "missing-model")])
+    try:
+        import time
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(proc.base_url + "/health", timeout=1)
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        for _ in range(100):
+            r = httpx.get(proc.base_url + "/v1/models")
+            if r.json()["error"]["code"] == "model_load_failed":
+                break
+            time.sleep(0.2)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_load_failed"
+        assert httpx.get(proc.base_url + "/ready").status_code == 503
+    finally:
+        proc.stop()
