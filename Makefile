@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.press-installed
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install serve test test-compat lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -34,3 +34,12 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The engine against the oldest supported transformers (5.17, first with DiffusionGemma) in its own venv.
+COMPAT_VENV ?= .venv-compat
+test-compat:
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
+	$(COMPAT_VENV)/bin/pip install -q --disable-pip-version-check 'transformers==5.17.0' \
+		pytest pyyaml
+	$(COMPAT_VENV)/bin/python -m pytest tests/test_equivalence.py tests/test_denoise.py tests/test_detokenizer.py

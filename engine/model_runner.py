@@ -7,11 +7,21 @@ transformers' own helpers so the attention layout (sliding windows included) is 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
+from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaDecoderModel
 
 from engine.loader import LoadedModel
 from engine.request import DenoiseState
+
+# transformers renamed the cache keyword from `past_key_values` (5.17) to `cache` (later 5.x); both are supported.
+CACHE_KW = (
+    "cache"
+    if "cache" in inspect.signature(DiffusionGemmaDecoderModel.create_diffusion_decoder_attention_mask).parameters
+    else "past_key_values"
+)
 
 
 class ModelRunner:
@@ -33,10 +43,10 @@ class ModelRunner:
             config=self.model.config,
             inputs_embeds=torch.empty((1, n, 0), dtype=self.model.dtype, device=self.device),
             attention_mask=attention_mask,
-            cache=state.cache,
             position_ids=positions,
+            **{CACHE_KW: state.cache},
         )
-        encoder(input_ids=input_ids, attention_mask=mask_mapping, cache=state.cache, position_ids=positions)
+        encoder(input_ids=input_ids, attention_mask=mask_mapping, position_ids=positions, **{CACHE_KW: state.cache})
         state.cached_len = start + n
 
     @torch.inference_mode()
@@ -59,14 +69,14 @@ class ModelRunner:
         mask_mapping = self.model.model.decoder.create_diffusion_decoder_attention_mask(
             config=self.model.config,
             inputs_embeds=canvas.unsqueeze(-1),
-            cache=state.cache,
             decoder_attention_mask=torch.ones((1, start + self.canvas_length), dtype=torch.bool, device=self.device),
+            **{CACHE_KW: state.cache},
         )
         out = self.model(
             decoder_input_ids=canvas,
             self_conditioning_logits=state.self_conditioning,
             decoder_attention_mask=mask_mapping,
-            cache=state.cache,
             decoder_position_ids=positions,
+            **{CACHE_KW: state.cache},
         )
         return out.logits[0]

@@ -13,34 +13,38 @@ from engine.config import EngineConfig
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=os.environ.get("PRESS_MODEL", "tiny-random"),
-        help="checkpoint directory, hub id, or 'tiny-random' (default)",
-    )
-    p.add_argument("--config", help="YAML preset (configs/*.yaml); flags override it")
+    p.add_argument("--model", default=None, help="checkpoint directory, hub id, or 'tiny-random' (default)")
+    p.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); env vars and flags override it")
     p.add_argument("--dtype", default=None, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to enforce")
+    p.add_argument("--default-max-tokens", type=int, default=None, help="answer budget when max_tokens is unset")
     p.add_argument("--max-num-seqs", type=int, default=None, help="requests denoising at once")
     p.add_argument("--served-model-name", default=None, help="model name reported by the API")
     p.add_argument("--cache-dir", default=None, help="where built-in models are materialised")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """One precedence for every setting: CLI flag > PRESS_* environment variable > YAML preset > default."""
+    fields = EngineConfig.__dataclass_fields__
     values: dict = {}
-    if args.config:
+    config_path = args.config or os.environ.get("PRESS_CONFIG")
+    if config_path:
         import yaml
 
-        with open(args.config) as f:
+        with open(config_path) as f:
             preset = yaml.safe_load(f) or {}
-        known = EngineConfig.__dataclass_fields__
-        values.update({k: v for k, v in preset.items() if k in known})
-    if args.model != "tiny-random" or "model" not in values:
-        values["model"] = args.model
-    for key in ("dtype", "device", "max_model_len", "max_num_seqs", "served_model_name", "cache_dir"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+        unknown = sorted(set(preset) - set(fields))
+        if unknown:
+            raise SystemExit(f"{config_path}: unknown settings {', '.join(unknown)}")
+        values.update(preset)
+    for name, f in fields.items():
+        env = os.environ.get(f"PRESS_{name.upper()}")
+        if env is not None:
+            values[name] = int(env) if f.type in ("int", "int | None") else env
+        flag = getattr(args, name, None)
+        if flag is not None:
+            values[name] = flag
     return EngineConfig(**values)
 
 

@@ -1,0 +1,28 @@
+# Press on a CUDA runtime: `docker build -t press .` then
+#   docker run --gpus all -p 8000:8000 -v /path/to/models:/models press --model /models/diffusiongemma-26B-A4B-it
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
+    PRESS_HOST=0.0.0.0 PRESS_PORT=8000 PRESS_CACHE_DIR=/cache HF_HOME=/cache/hf
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv curl \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# CUDA build of torch from PyPI's default index (the cu12 wheels), then the project.
+RUN pip install torch
+COPY pyproject.toml README.md constraints.txt ./
+COPY engine ./engine
+COPY server ./server
+COPY configs ./configs
+RUN pip install -c constraints.txt .
+
+RUN useradd --create-home --uid 10001 press && mkdir -p /models /cache && chown press /models /cache
+USER press
+VOLUME ["/models", "/cache"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+    CMD curl -fsS http://127.0.0.1:8000/health || exit 1
+ENTRYPOINT ["press", "serve"]
