@@ -21,16 +21,16 @@ serve: $(STAMP)
 	$(VENV)/bin/press serve $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check server engine tests bench tools
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server engine tests bench tools
-	$(VENV)/bin/ruff format --check server engine tests bench tools
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format server engine tests bench
-	$(VENV)/bin/ruff check --fix server engine tests bench
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) .pytest_cache
