@@ -101,8 +101,7 @@ def generate(args: argparse.Namespace) -> None:
             )
             if tty:
                 clear()
-                body = (committed + event.draft_text).replace("\r", "")
-                out = f"{line}\n{body}\n"
+                out = _screen(f"{line}\n{committed}{event.draft_text}")
                 sys.stdout.write(out)
                 drawn_lines = out.count("\n")
                 sys.stdout.flush()
@@ -125,6 +124,19 @@ def generate(args: argparse.Namespace) -> None:
             f"| {finish.passes} passes | {finish.tokens_per_forward:.2f} tokens per forward | {elapsed:.2f} s",
             file=sys.stderr,
         )
+
+
+def _screen(text: str) -> str:
+    """Text made safe to redraw in place: control characters shown as '·', long lines wrapped by hand so the
+    number of terminal rows is known, and only the last rows kept so the cursor can always move back up."""
+    import shutil
+
+    width, height = shutil.get_terminal_size((100, 30))
+    clean = "".join(ch if ch == "\n" or ch.isprintable() else "·" for ch in text)
+    rows: list[str] = []
+    for line in clean.split("\n"):
+        rows.extend(line[i : i + width - 1] for i in range(0, max(len(line), 1), width - 1))
+    return "\n".join(rows[-(height - 2) :]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
