@@ -16,8 +16,14 @@ class EngineConfig:
     max_model_len: int | None = None
     # Upper bound on answer tokens when a request does not set max_tokens.
     default_max_tokens: int = 1024
-    # Requests denoising at the same time; the rest wait in the queue.
+    # Requests denoising at the same time (rows of one batched pass); the rest wait in the queue.
     max_num_seqs: int = 8
+    # Requests allowed to wait for a slot; beyond it the server answers 503 with Retry-After.
+    max_queue: int = 256
+    # Same tokens for a seeded request alone or in any batch (row-wise attention, fixed-shape expert GEMMs).
+    batch_invariant: bool = True
+    # Prompt tokens encoded per engine step (chunked prefill), shared by all prefilling requests.
+    prefill_chunk: int = 512
     # Where built-in models (tiny-random) are materialised in Hugging Face layout.
     cache_dir: str | None = None
     # Name the API reports; None uses the model argument.

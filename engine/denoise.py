@@ -53,11 +53,21 @@ def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def propose_canvas(logits: torch.Tensor, greedy: bool, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample one token per position from the (temperature-scaled) logits: the denoiser's canvas."""
+    """Sample one token per position from the (temperature-scaled) logits: the denoiser's canvas.
+
+    Works in position chunks so that no second canvas x vocab fp32 tensor is ever alive. Sampling is
+    the exponential race torch.multinomial itself uses for one sample (argmax of p / q, q ~ Exp(1)); on
+    CPU the chunked draws consume the generator exactly like one multinomial call over the whole canvas.
+    """
     if greedy:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(nucleus_filter(logits, top_p), dim=-1, dtype=torch.float32)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    out = torch.empty(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    for start in range(0, logits.shape[0], ENTROPY_CHUNK):
+        chunk = nucleus_filter(logits[start : start + ENTROPY_CHUNK], top_p)
+        probs = torch.softmax(chunk, dim=-1, dtype=torch.float32)
+        race = torch.empty_like(probs).exponential_(1, generator=generator)
+        out[start : start + ENTROPY_CHUNK] = probs.div_(race).argmax(dim=-1)
+    return out
 
 
 def accept_mask(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:

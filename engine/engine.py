@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +18,7 @@ from engine.detokenizer import TextStream
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
-from engine.request import DenoiseState
+from engine.request import DenoiseState, RequestStatus
 from engine.sampling_params import SamplingParams, SamplingParamsError
 from engine.scheduler import Scheduler
 
@@ -30,13 +29,6 @@ class ContextLengthError(ValueError):
     """Prompt plus max_tokens do not fit the model's context."""
 
 
-@dataclass
-class PassResult:
-    proposed_accepted: int
-    mean_entropy: float
-    finished_denoising: bool
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
@@ -44,7 +36,7 @@ class LLMEngine:
             torch.set_num_threads(config.torch_threads)
         self.loaded = loaded or load_model(config)
         self.tokenizer = self.loaded.tokenizer
-        self.runner = ModelRunner(self.loaded)
+        self.runner = ModelRunner(self.loaded, batch_invariant=config.batch_invariant)
         self.scheduler = Scheduler(config.max_num_seqs)
         self.canvas_length = self.loaded.canvas_length
         self.vocab_size = self.loaded.vocab_size
@@ -97,21 +89,45 @@ class LLMEngine:
     # ---------------------------------------------------------------- heartbeat
 
     def step(self, emit: Callable[[DenoiseState, Event], None]) -> None:
-        admitted, dropped = self.scheduler.schedule()
+        """Schedule, advance prefills by at most one chunk budget, then one batched pass for every row."""
+        _, dropped = self.scheduler.schedule()
+        if dropped:
+            self.runner.release_prefix()
         for state in dropped:
             self._finish(state, "abort", emit)
-        for state in admitted:
+        self._prefill(emit)
+        rows = [s for s in self.scheduler.running if s.status is RequestStatus.DENOISING]
+        if rows:
             try:
-                self.runner.prefill(state)
-                self._start_canvas(state)
+                self._denoise_pass(rows, emit)
+            except Exception as exc:  # a failed pass fails its rows, not the engine
+                log.exception("pass failed")
+                self.runner.release_prefix()
+                for state in rows:
+                    if state.status is not RequestStatus.FINISHED:
+                        self._finish(state, "error", emit, error=str(exc))
+
+    def _prefill(self, emit: Callable[[DenoiseState, Event], None]) -> None:
+        """Chunked prefill: each step encodes at most `prefill_chunk` prompt tokens in total, so a long prompt
+        delays the running canvases by one chunk per pass instead of by its whole prefill.
+
+        A request's chunks always start at multiples of `prefill_chunk` of its own prompt, whoever else is
+        prefilling, so its cache (and therefore its tokens) does not depend on the batch.
+        """
+        budget = self.config.prefill_chunk
+        for state in list(self.scheduler.running):
+            if state.status is not RequestStatus.PREFILLING:
+                continue
+            chunk = min(self.config.prefill_chunk, len(state.prompt_ids) - state.cached_len)
+            if chunk > budget and budget < self.config.prefill_chunk:
+                break  # keep FIFO order: the next request waits for the next step
+            try:
+                budget -= self.runner.prefill(state, chunk)
+                if state.cached_len == len(state.prompt_ids):
+                    state.status = RequestStatus.DENOISING
+                    self._start_canvas(state)
             except Exception as exc:  # a bad request must not take the engine down
                 log.exception("prefill failed for %s", state.request_id)
-                self._finish(state, "error", emit, error=str(exc))
-        for state in list(self.scheduler.running):
-            try:
-                self._denoise_pass(state, emit)
-            except Exception as exc:
-                log.exception("pass failed for %s", state.request_id)
                 self._finish(state, "error", emit, error=str(exc))
 
     # ----------------------------------------------------------- denoising math
@@ -126,28 +142,36 @@ class LLMEngine:
             (state.params.stability_threshold, self.canvas_length), -1, dtype=torch.long, device=self.loaded.device
         )
 
-    def _denoise_pass(self, state: DenoiseState, emit: Callable[[DenoiseState, Event], None]) -> None:
+    def _denoise_pass(self, rows: list[DenoiseState], emit: Callable[[DenoiseState, Event], None]) -> None:
+        logits = self.runner.denoise_logits(rows)
+        for i, state in enumerate(rows):
+            self._denoise_row(state, logits[i], emit)
+
+    @torch.inference_mode()
+    def _denoise_row(self, state: DenoiseState, logits: torch.Tensor, emit: Callable) -> None:
+        """The sampler step for one row: schedule, propose, accept, renoise, stop check, self-conditioning.
+
+        `logits` is this row's slice of the batch's fp32 logits and is scaled in place, so the only
+        canvas x vocab fp32 tensor of the row stays the one the model produced.
+        """
         params = state.params
-        with torch.inference_mode():
-            logits = self.runner.denoise_logits(state)
-            if params.greedy:
-                processed = logits
-            else:
-                steps_remaining = params.denoising_steps - state.pass_index
-                processed = logits / denoise.pass_temperature(
-                    steps_remaining, params.denoising_steps, params.t_min, params.t_max
-                )
-            del logits
-            proposed = denoise.propose_canvas(processed, params.greedy, params.top_p, state.generator)
-            argmax_canvas = processed.argmax(dim=-1)
-            entropy = denoise.token_entropy(processed)
-            accepted = denoise.accept_mask(entropy, params.entropy_bound)
-            state.canvas = denoise.renoise(state.canvas, proposed, accepted, self.vocab_size, state.generator)
-            stable = denoise.is_stable(state.history, argmax_canvas)
-            state.history = denoise.push_history(state.history, argmax_canvas)
-            confident = denoise.is_confident(entropy, params.confidence_threshold)
-            state.self_conditioning = processed.to(self.runner.sc_dtype)[None]
-            state.argmax_canvas = argmax_canvas
+        if params.greedy:
+            processed = logits
+        else:
+            steps_remaining = params.denoising_steps - state.pass_index
+            processed = logits.div_(
+                denoise.pass_temperature(steps_remaining, params.denoising_steps, params.t_min, params.t_max)
+            )
+        proposed = denoise.propose_canvas(processed, params.greedy, params.top_p, state.generator)
+        argmax_canvas = processed.argmax(dim=-1)
+        entropy = denoise.token_entropy(processed)
+        accepted = denoise.accept_mask(entropy, params.entropy_bound)
+        state.canvas = denoise.renoise(state.canvas, proposed, accepted, self.vocab_size, state.generator)
+        stable = denoise.is_stable(state.history, argmax_canvas)
+        state.history = denoise.push_history(state.history, argmax_canvas)
+        confident = denoise.is_confident(entropy, params.confidence_threshold)
+        state.self_conditioning = processed.to(self.runner.sc_dtype)
+        state.argmax_canvas = argmax_canvas
         state.pass_index += 1
         state.total_passes += 1
         argmax_ids = argmax_canvas.tolist()

@@ -1,18 +1,23 @@
-"""Forward passes of DiffusionGemma for one request row: prefill, decoder pass and canvas commit.
+"""Forward passes of DiffusionGemma: chunked prefill, batched decoder passes and canvas commits.
 
-The encoder (causal) writes the request's KV cache: the prompt at prefill, each finished canvas at commit.
-The decoder (bidirectional over the canvas) only reads that cache. Masks and positions are built with
-transformers' own helpers so the attention layout (sliding windows included) is the reference's.
+The encoder (causal) writes each request's own KV cache: the prompt at prefill, each finished canvas at
+commit. The decoder (bidirectional over the canvas) only reads caches, so a pass over several requests
+gathers their caches into one left-padded, read-only prefix with a mask that hides the padding; every
+row keeps its own positions. The gathered prefix is reused across passes until the set of rows or a
+cache changes (a canvas commit), which happens once per canvas rather than once per pass.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaDecoderModel
 
+from engine import batch_invariance
+from engine.batch_invariance import RowPrefix
 from engine.loader import LoadedModel
 from engine.request import DenoiseState
 
@@ -24,13 +29,36 @@ CACHE_KW = (
 )
 
 
+@dataclass
+class _PrefixLayer:
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class BatchedPrefix:
+    """Read-only stand-in for a transformers cache: exactly what the decoder's attention reads
+    (`layers[i].keys/values`, `is_compileable`), for several requests left-padded to one length."""
+
+    is_compileable = False
+
+    def __init__(self, layers: list[_PrefixLayer]) -> None:
+        self.layers = layers
+
+
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, batch_invariant: bool = True) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
         self.canvas_length = loaded.canvas_length
         self.sc_dtype = self.model.model.decoder.embed_tokens.weight.dtype
+        self.layer_types = list(self.model.config.get_text_config().layer_types)
+        self._prefix_key: tuple | None = None
+        self._prefix: tuple[BatchedPrefix, dict] | None = None
+        if batch_invariant:
+            batch_invariance.install(self.model, expert_block=64 if self.device.type == "cuda" else 16)
+
+    # ------------------------------------------------------------------ encoder
 
     def _encode(self, state: DenoiseState, ids: list[int] | torch.Tensor) -> None:
         """Run the causal encoder over `ids`, appending their keys and values to the request's cache."""
@@ -50,33 +78,90 @@ class ModelRunner:
         state.cached_len = start + n
 
     @torch.inference_mode()
-    def prefill(self, state: DenoiseState) -> None:
-        state.cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
-        state.cached_len = 0
-        self._encode(state, state.prompt_ids)
+    def prefill(self, state: DenoiseState, max_tokens: int) -> int:
+        """Encode up to `max_tokens` more prompt tokens (chunked prefill); returns how many were encoded."""
+        if state.cache is None:
+            state.cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+            state.cached_len = 0
+        chunk = state.prompt_ids[state.cached_len : state.cached_len + max_tokens]
+        if chunk:
+            self._encode(state, chunk)
+        return len(chunk)
 
     @torch.inference_mode()
     def commit(self, state: DenoiseState, canvas: torch.Tensor) -> None:
         """Encode a finished canvas so the next canvas attends to it."""
         self._encode(state, canvas)
 
-    @torch.inference_mode()
-    def denoise_logits(self, state: DenoiseState) -> torch.Tensor:
-        """One decoder pass over the current canvas; returns fp32 logits of shape (canvas_length, vocab)."""
-        start = state.cached_len
-        canvas = state.canvas[None]
-        positions = torch.arange(start, start + self.canvas_length, dtype=torch.int32, device=self.device)[None]
-        mask_mapping = self.model.model.decoder.create_diffusion_decoder_attention_mask(
+    # ------------------------------------------------------------------ decoder
+
+    def _single_row_masks(self, state: DenoiseState, canvas: torch.Tensor) -> dict:
+        return self.model.model.decoder.create_diffusion_decoder_attention_mask(
             config=self.model.config,
             inputs_embeds=canvas.unsqueeze(-1),
-            decoder_attention_mask=torch.ones((1, start + self.canvas_length), dtype=torch.bool, device=self.device),
+            decoder_attention_mask=torch.ones(
+                (1, state.cached_len + self.canvas_length), dtype=torch.bool, device=self.device
+            ),
             **{CACHE_KW: state.cache},
         )
+
+    def _gathered_prefix(self, rows: list[DenoiseState]) -> tuple[BatchedPrefix, dict]:
+        """Left-pad the rows' caches to common lengths (per layer); attention skips each row's padding."""
+        key = tuple((s.request_id, s.cached_len) for s in rows)
+        if key == self._prefix_key and self._prefix is not None:
+            return self._prefix
+        self._prefix = None  # free the previous gathered copy before building the next
+        batch = len(rows)
+        layers = []
+        masks: dict[str, RowPrefix | None] = {}
+        for idx, layer_type in enumerate(self.layer_types):
+            parts = [s.cache.layers[idx] for s in rows]
+            lengths = [p.keys.shape[-2] for p in parts]
+            longest = max(lengths)
+            _, heads, _, dim = parts[0].keys.shape
+            keys = parts[0].keys.new_zeros((batch, heads, longest, dim))
+            values = parts[0].values.new_zeros((batch, heads, longest, parts[0].values.shape[-1]))
+            for b, (p, n) in enumerate(zip(parts, lengths, strict=True)):
+                keys[b, :, longest - n :] = p.keys[0]
+                values[b, :, longest - n :] = p.values[0]
+            layers.append(_PrefixLayer(keys, values))
+            if layer_type not in masks:
+                # Nothing padded: one batched SDPA call. Otherwise attention runs row by row (batch invariance).
+                masks[layer_type] = None if min(lengths) == longest else RowPrefix(tuple(longest - n for n in lengths))
+        self._prefix_key, self._prefix = key, (BatchedPrefix(layers), masks)
+        return self._prefix
+
+    def release_prefix(self) -> None:
+        self._prefix_key, self._prefix = None, None
+
+    @torch.inference_mode()
+    def denoise_logits(self, rows: list[DenoiseState]) -> torch.Tensor:
+        """One batched decoder pass over the rows' canvases; fp32 logits of shape (rows, canvas_length, vocab)."""
+        canvas = torch.stack([s.canvas for s in rows])
+        offsets = torch.tensor([s.cached_len for s in rows], dtype=torch.int32, device=self.device)
+        positions = offsets[:, None] + torch.arange(self.canvas_length, dtype=torch.int32, device=self.device)
+        if len(rows) == 1:
+            # A lone row reads its own cache through transformers' own mask helper: the reference path.
+            cache, masks = rows[0].cache, self._single_row_masks(rows[0], canvas)
+        else:
+            cache, masks = self._gathered_prefix(rows)
+        sc_rows = [s.self_conditioning for s in rows]
+        sc_mask = None
+        if all(sc is None for sc in sc_rows):
+            sc = None
+        elif all(sc is not None for sc in sc_rows):
+            sc = torch.stack(sc_rows)
+        else:
+            # Rows on their first pass get a zeroed self-conditioning signal, exactly as if none was passed.
+            template = next(x for x in sc_rows if x is not None)
+            sc = torch.stack([x if x is not None else torch.zeros_like(template) for x in sc_rows])
+            sc_mask = torch.tensor([x is not None for x in sc_rows], device=self.device)
         out = self.model(
             decoder_input_ids=canvas,
-            self_conditioning_logits=state.self_conditioning,
-            decoder_attention_mask=mask_mapping,
+            self_conditioning_logits=sc,
+            self_conditioning_mask=sc_mask,
+            decoder_attention_mask=masks,
             decoder_position_ids=positions,
-            **{CACHE_KW: state.cache},
+            **{CACHE_KW: cache},
         )
-        return out.logits[0]
+        return out.logits

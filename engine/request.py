@@ -16,7 +16,8 @@ _ids = itertools.count()
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"  # queued, prompt not yet encoded
+    WAITING = "waiting"  # queued for a slot
+    PREFILLING = "prefilling"  # holds a slot; prompt being encoded chunk by chunk
     DENOISING = "denoising"  # a canvas is being refined pass by pass
     FINISHED = "finished"
 
@@ -37,7 +38,7 @@ class DenoiseState:
     pass_index: int = 0  # passes done on the current canvas
     canvas: torch.Tensor | None = None  # current noisy canvas (canvas_length,)
     argmax_canvas: torch.Tensor | None = None
-    self_conditioning: torch.Tensor | None = None  # previous pass's processed logits, (1, L, V)
+    self_conditioning: torch.Tensor | None = None  # previous pass's processed logits, (L, V)
     history: torch.Tensor | None = None  # last argmax canvases for the stability rule
     answer_ids: list[int] = field(default_factory=list)  # committed answer tokens (cut at EOS/stop/length)
     denoised_tokens: int = 0  # committed canvas tokens up to EOS, excluding pad, for tokens_per_forward

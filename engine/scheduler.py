@@ -29,7 +29,7 @@ class Scheduler:
         admitted = []
         while self.waiting and len(self.running) < self.max_num_seqs:
             state = self.waiting.popleft()
-            state.status = RequestStatus.DENOISING
+            state.status = RequestStatus.PREFILLING
             self.running.append(state)
             admitted.append(state)
         return admitted, dropped

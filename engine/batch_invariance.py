@@ -1,0 +1,94 @@
+"""Batch invariance: a request's numbers do not depend on which other requests share its pass.
+
+Batching the decoder saves weight reads, but two parts of a batched forward would otherwise compute a
+row differently than the row alone:
+
+- Attention over left-padded prefixes: a mask changes SDPA's reduction order. Attention has no shared
+  weights to save, so the batched pass hands it a `RowPrefix` (each row's padding) instead of a mask and
+  it runs row by row on exactly the keys the row would see alone, through the same SDPA call.
+- MoE experts: each expert multiplies the tokens routed to it, and a GEMM's per-row result depends on
+  how many rows it gets (small-M kernels reduce in another order). The experts here run on blocks of a
+  fixed number of tokens (zero-padded), so every token always meets the same GEMM shape.
+
+Dense projections see canvas_length x rows tokens, which is already past the small-M kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION = "press_rowwise_sdpa"
+
+
+@dataclass(frozen=True)
+class RowPrefix:
+    """Left padding of each row's cached prefix in a gathered batch (keys before it are filler)."""
+
+    pads: tuple[int, ...]
+
+
+def rowwise_sdpa(module, query, key, value, attention_mask, **kwargs):
+    if not isinstance(attention_mask, RowPrefix):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = []
+    for b, pad in enumerate(attention_mask.pads):
+        row_key, row_value = key[b : b + 1, :, pad:].contiguous(), value[b : b + 1, :, pad:].contiguous()
+        out, _ = sdpa_attention_forward(module, query[b : b + 1].contiguous(), row_key, row_value, None, **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs, dim=0), None
+
+
+AttentionInterface.register(ATTENTION, rowwise_sdpa)
+
+
+def _blocked_linear(x: torch.Tensor, weight: torch.Tensor, block: int) -> torch.Tensor:
+    """x @ weight.T computed on zero-padded blocks of exactly `block` rows."""
+    n = x.shape[0]
+    padded = -(-n // block) * block
+    if padded != n:
+        x = torch.cat([x, x.new_zeros((padded - n, x.shape[1]))])
+    out = torch.cat([nn.functional.linear(x[s : s + block], weight) for s in range(0, padded, block)])
+    return out[:n]
+
+
+def blocked_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' DiffusionGemma expert loop with fixed-shape GEMMs (same math, same expert order)."""
+    block = self.press_expert_block
+    final = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert_idx in expert_hit:
+        expert_idx = expert_idx[0]
+        if expert_idx == self.num_experts:
+            continue
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        gate, up = _blocked_linear(hidden_states[token_idx], self.gate_up_proj[expert_idx], block).chunk(2, dim=-1)
+        out = _blocked_linear(self.act_fn(gate) * up, self.down_proj[expert_idx], block)
+        out = out * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, out.to(final.dtype))
+    return final
+
+
+def install(model, expert_block: int) -> None:
+    """Route decoder attention through `rowwise_sdpa` (the encoder keeps plain SDPA) and give the experts
+    fixed-shape GEMMs. Does nothing for an attention kernel other than SDPA chosen explicitly."""
+    layers = model.model.decoder.layers
+    if layers and layers[0].self_attn.config._attn_implementation in ("sdpa", ATTENTION):
+        config = copy.copy(layers[0].self_attn.config)
+        config._attn_implementation = ATTENTION
+        for layer in layers:
+            layer.self_attn.config = config
+    # Encoder and decoder share the expert weights; only the decoder's passes are batched, but the
+    # encoder runs one request at a time anyway, so patching every expert module is harmless.
+    for module in model.modules():
+        if type(module).__name__ == "DiffusionGemmaTextExperts":
+            module.press_expert_block = expert_block
+            module.forward = types.MethodType(blocked_experts_forward, module)
