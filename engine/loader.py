@@ -76,6 +76,24 @@ def checkpoint_defaults(model: DiffusionGemmaForBlockDiffusion, tokenizer: PreTr
     )  # fmt: skip
 
 
+def wrap_model(
+    model: DiffusionGemmaForBlockDiffusion, tokenizer: PreTrainedTokenizerBase, max_model_len: int | None = None
+) -> LoadedModel:
+    """A LoadedModel around a model already in memory (benchmarks build full-size random models this way)."""
+    text_config = model.config.get_text_config()
+    return LoadedModel(
+        model=model.eval(),
+        tokenizer=tokenizer,
+        path="<in-memory>",
+        device=model.device,
+        dtype=model.dtype,
+        canvas_length=model.config.canvas_length,
+        vocab_size=text_config.vocab_size,
+        max_model_len=max_model_len or text_config.max_position_embeddings,
+        defaults=checkpoint_defaults(model, tokenizer),
+    )
+
+
 def load_model(config: EngineConfig) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)

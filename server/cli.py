@@ -19,9 +19,30 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to enforce")
     p.add_argument("--default-max-tokens", type=int, default=None, help="answer budget when max_tokens is unset")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="requests denoising at once")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="requests denoising at once (rows of a pass)")
+    p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a slot before 503")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens encoded per engine step")
+    p.add_argument(
+        "--batch-invariant",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="same tokens alone or batched (default on)",
+    )
     p.add_argument("--served-model-name", default=None, help="model name reported by the API")
     p.add_argument("--cache-dir", default=None, help="where built-in models are materialised")
+
+
+def _parse_env(name: str, value: str, kind: str) -> object:
+    if kind.startswith("bool"):
+        if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise SystemExit(f"PRESS_{name.upper()}: expected true or false, got {value!r}")
+        return value.lower() in ("1", "true", "yes", "on")
+    if kind.startswith("int"):
+        try:
+            return int(value)
+        except ValueError:
+            raise SystemExit(f"PRESS_{name.upper()}: expected an integer, got {value!r}") from None
+    return value
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -41,7 +62,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     for name, f in fields.items():
         env = os.environ.get(f"PRESS_{name.upper()}")
         if env is not None:
-            values[name] = int(env) if f.type in ("int", "int | None") else env
+            values[name] = _parse_env(name, env, str(f.type))
         flag = getattr(args, name, None)
         if flag is not None:
             values[name] = flag

@@ -178,6 +178,15 @@ class Serving:
     ) -> list[DenoiseState]:
         if len(prompts) * req.n > MAX_CHOICES:
             raise bad_request(f"At most {MAX_CHOICES} choices (prompts x n) per request.", param="n")
+        max_queue = self.engine.engine.config.max_queue
+        if self.engine.num_waiting + len(prompts) * req.n > max_queue:
+            raise APIError(
+                503,
+                f"The server is overloaded: {max_queue} requests are already waiting. Retry shortly.",
+                type="server_error",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            )
         states = []
         for p_idx, prompt in enumerate(prompts):
             params = self.sampling_params(req, max_tokens, len(prompt))
