@@ -28,6 +28,7 @@ class AsyncEngine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="press-engine", daemon=True)
+        engine.metrics.bind_gauges(lambda: self.num_running, lambda: self.num_waiting)
         self._thread.start()
 
     @classmethod

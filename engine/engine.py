@@ -8,6 +8,7 @@ together and a cancelled one is dropped at the next pass boundary.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import TextStream
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent
 from engine.loader import LoadedModel, load_model
+from engine.metrics import EngineMetrics
 from engine.model_runner import ModelRunner
 from engine.request import DenoiseState, RequestStatus
 from engine.sampling_params import SamplingParams, SamplingParamsError
@@ -42,6 +44,7 @@ class LLMEngine:
         self.vocab_size = self.loaded.vocab_size
         self.max_model_len = self.loaded.max_model_len
         self.defaults = self.loaded.defaults
+        self.metrics = EngineMetrics(config.served_model_name or config.model)
 
     # ----------------------------------------------------------------- requests
 
@@ -90,7 +93,9 @@ class LLMEngine:
 
     def step(self, emit: Callable[[DenoiseState, Event], None]) -> None:
         """Schedule, advance prefills by at most one chunk budget, then one batched pass for every row."""
-        _, dropped = self.scheduler.schedule()
+        admitted, dropped = self.scheduler.schedule()
+        for state in admitted:
+            self.metrics.admitted(state)
         if dropped:
             self.runner.release_prefix()
         for state in dropped:
@@ -125,6 +130,7 @@ class LLMEngine:
                 budget -= self.runner.prefill(state, chunk)
                 if state.cached_len == len(state.prompt_ids):
                     state.status = RequestStatus.DENOISING
+                    self.metrics.prefilled(state)
                     self._start_canvas(state)
             except Exception as exc:  # a bad request must not take the engine down
                 log.exception("prefill failed for %s", state.request_id)
@@ -143,9 +149,13 @@ class LLMEngine:
         )
 
     def _denoise_pass(self, rows: list[DenoiseState], emit: Callable[[DenoiseState, Event], None]) -> None:
+        start = time.perf_counter()
         logits = self.runner.denoise_logits(rows)
         for i, state in enumerate(rows):
+            if state.total_passes == 0:
+                self.metrics.first_pass(state)
             self._denoise_row(state, logits[i], emit)
+        self.metrics.batched_pass(len(rows), self.canvas_length, time.perf_counter() - start)
 
     @torch.inference_mode()
     def _denoise_row(self, state: DenoiseState, logits: torch.Tensor, emit: Callable) -> None:
@@ -223,6 +233,7 @@ class LLMEngine:
             finish = "stop"
             state.answer_ids = list(state.text.token_ids)
             answer = state.answer_ids[before:]
+        self.metrics.committed(state, state.pass_index)
         emit(state, CommitEvent(state.canvas_index, answer, delta, state.pass_index))
         state.canvas_index += 1
         if finish is None and state.canvas_index >= state.max_canvases:
@@ -237,6 +248,7 @@ class LLMEngine:
         self.scheduler.finish(state)
         state.finish_reason = reason
         tail = state.text.flush() if reason in ("stop", "length") else ""
+        self.metrics.finished(state, reason, len(state.answer_ids))
         state.cache = None  # frees the KV cache now, not when the last reference goes
         state.self_conditioning = None
         emit(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,10 @@ class DenoiseState:
     denoised_tokens: int = 0  # committed canvas tokens up to EOS, excluding pad, for tokens_per_forward
     total_passes: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    # With n > 1 choices share one prompt: only the first bills it (usage and the prompt-token counter).
+    bills_prompt: bool = True
     finish_reason: str | None = None
 
     @property

@@ -1,21 +1,24 @@
-"""FastAPI application: lifespan (model loading), thin routes, readiness."""
+"""FastAPI application: lifespan (model loading), middleware, auth, thin routes, readiness and metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from server.config import Settings
 from server.errors import APIError, install_error_handlers
+from server.middleware import RequestContext, ServerState
 from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -30,17 +33,10 @@ from server.serving import Serving
 log = logging.getLogger("press.server")
 
 
-@dataclass
-class ServerSettings:
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    host: str = "127.0.0.1"
-    port: int = 8000
-
-
 class ModelHolder:
     """Loads the engine on a background thread so /health and /ready answer while weights load."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.serving: Serving | None = None
         self.error: str | None = None
@@ -55,7 +51,7 @@ class ModelHolder:
             cfg = self.settings.engine
             engine = AsyncEngine(LLMEngine(cfg))
             name = cfg.served_model_name or cfg.model
-            self.serving = Serving(engine, name, aliases=(cfg.model, engine.engine.loaded.path))
+            self.serving = Serving(engine, name, self.settings.server, aliases=(cfg.model, engine.engine.loaded.path))
             log.info("model %s ready", name)
         except Exception as exc:
             log.exception("model failed to load")
@@ -64,16 +60,10 @@ class ModelHolder:
     def require(self) -> Serving:
         if self.serving is None:
             if self.error:
-                raise APIError(
-                    503, f"The model failed to load: {self.error}", type="server_error", code="model_load_failed"
-                )
-            raise APIError(
-                503,
-                "The model is still loading; retry shortly.",
-                type="server_error",
-                code="model_loading",
-                headers={"Retry-After": "5"},
-            )
+                raise APIError(503, f"The model failed to load: {self.error}", type="server_error",
+                               code="model_load_failed")  # fmt: skip
+            raise APIError(503, "The model is still loading; retry shortly.", type="server_error",
+                           code="model_loading", headers={"Retry-After": "5"})  # fmt: skip
         return self.serving
 
     def shutdown(self) -> None:
@@ -81,12 +71,13 @@ class ModelHolder:
             self.serving.engine.shutdown()
 
 
-ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}
 
 
-def create_app(settings: ServerSettings | None = None) -> FastAPI:
-    settings = settings or ServerSettings()
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
     holder = ModelHolder(settings)
+    server_state = ServerState()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -94,14 +85,28 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         yield
         holder.shutdown()
 
-    app = FastAPI(
-        title="Press",
-        version="0.1.0",
-        lifespan=lifespan,
-        description="OpenAI-compatible server for block-diffusion language models.",
-    )
+    app = FastAPI(title="Press", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible server for block-diffusion language models.")  # fmt: skip
     app.state.holder = holder
+    app.state.server_state = server_state
     install_error_handlers(app)
+    if settings.server.cors_origins:
+        origins = [o.strip() for o in settings.server.cors_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["x-request-id"])  # fmt: skip
+    # Added last, so it runs first: every response, errors and CORS preflights included, gets an id.
+    app.add_middleware(RequestContext, config=settings.server, state=server_state)
+
+    def require_key(request: Request) -> None:
+        key = settings.server.api_key
+        if not key:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not given or not hmac.compare_digest(given.encode(), key.encode()):
+            raise APIError(401, "Invalid or missing API key. Send 'Authorization: Bearer <key>' or 'x-api-key'.",
+                           type="authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
     @app.get("/health")
     async def health() -> dict:
@@ -114,24 +119,31 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/ready", responses={503: {"model": ErrorResponse}})
     async def ready() -> JSONResponse:
-        if holder.serving is None:
-            body = APIError(503, holder.error or "model loading", type="server_error", code="not_ready").body()
+        if holder.serving is None or server_state.draining:
+            reason = "shutting down" if server_state.draining else holder.error or "model loading"
+            body = APIError(503, reason, type="server_error", code="not_ready").body()
             return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         return JSONResponse({"status": "ready", "model": holder.serving.model_name})
 
-    @app.get("/v1/models", response_model=ModelList)
+    metrics_deps = [Depends(require_key)] if settings.server.metrics_require_key else []
+
+    @app.get("/metrics", dependencies=metrics_deps, response_class=Response)
+    async def metrics() -> Response:
+        if holder.serving is None:
+            return Response("", media_type=CONTENT_TYPE_LATEST)
+        registry = holder.serving.engine.engine.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_key)])
     async def models() -> ModelList:
         serving = holder.require()
         loaded = serving.engine.engine.loaded
-        card = ModelCard(
-            id=serving.model_name,
-            created=int(holder.started),
-            max_model_len=loaded.max_model_len,
-            canvas_length=loaded.canvas_length,
-        )
+        card = ModelCard(id=serving.model_name, created=int(holder.started), max_model_len=loaded.max_model_len,
+                         canvas_length=loaded.canvas_length)  # fmt: skip
         return ModelList(data=[card])
 
-    @app.post("/v1/chat/completions", response_model=None, responses={200: {"model": ChatCompletionResponse}, **ERRORS})
+    @app.post("/v1/chat/completions", response_model=None, dependencies=[Depends(require_key)],
+              responses={200: {"model": ChatCompletionResponse}, **ERRORS})  # fmt: skip
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         serving = holder.require()
         serving.check_model(body.model)
@@ -141,7 +153,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         states = serving.make_states(body, [prompt], max_tokens, prompt_param="messages")
         return await serving.respond(body, states, len(prompt), request, chat=True)
 
-    @app.post("/v1/completions", response_model=None, responses={200: {"model": CompletionResponse}, **ERRORS})
+    @app.post("/v1/completions", response_model=None, dependencies=[Depends(require_key)],
+              responses={200: {"model": CompletionResponse}, **ERRORS})  # fmt: skip
     async def completions(body: CompletionRequest, request: Request):
         serving = holder.require()
         serving.check_model(body.model)

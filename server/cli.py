@@ -10,6 +10,7 @@ import sys
 import time
 
 from engine.config import EngineConfig
+from server.config import load_settings
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -22,61 +23,39 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="requests denoising at once (rows of a pass)")
     p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a slot before 503")
     p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens encoded per engine step")
-    p.add_argument(
-        "--batch-invariant",
-        default=None,
-        action=argparse.BooleanOptionalAction,
-        help="same tokens alone or batched (default on)",
-    )
+    p.add_argument("--batch-invariant", default=None, action=argparse.BooleanOptionalAction,
+                   help="same tokens alone or batched (default on)")  # fmt: skip
     p.add_argument("--served-model-name", default=None, help="model name reported by the API")
     p.add_argument("--cache-dir", default=None, help="where built-in models are materialised")
 
 
-def _parse_env(name: str, value: str, kind: str) -> object:
-    if kind.startswith("bool"):
-        if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-            raise SystemExit(f"PRESS_{name.upper()}: expected true or false, got {value!r}")
-        return value.lower() in ("1", "true", "yes", "on")
-    if kind.startswith("int"):
-        try:
-            return int(value)
-        except ValueError:
-            raise SystemExit(f"PRESS_{name.upper()}: expected an integer, got {value!r}") from None
-    return value
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require this key on /v1/* (Bearer or x-api-key)")
+    p.add_argument("--metrics-require-key", default=None, action=argparse.BooleanOptionalAction,
+                   help="also require the key on /metrics")  # fmt: skip
+    p.add_argument("--cors-origins", default=None, help="comma-separated allowed origins, or *")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (413 beyond)")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds per request, 0 = none")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted")
+    p.add_argument("--shutdown-timeout", type=float, default=None, help="seconds to drain on SIGTERM")
+    p.add_argument("--log-requests", default=None, action=argparse.BooleanOptionalAction,
+                   help="one JSON log line per request (default on)")  # fmt: skip
+    p.add_argument("--log-level", default=None, help="debug, info, warning, error")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """One precedence for every setting: CLI flag > PRESS_* environment variable > YAML preset > default."""
-    fields = EngineConfig.__dataclass_fields__
-    values: dict = {}
-    config_path = args.config or os.environ.get("PRESS_CONFIG")
-    if config_path:
-        import yaml
-
-        with open(config_path) as f:
-            preset = yaml.safe_load(f) or {}
-        unknown = sorted(set(preset) - set(fields))
-        if unknown:
-            raise SystemExit(f"{config_path}: unknown settings {', '.join(unknown)}")
-        values.update(preset)
-    for name, f in fields.items():
-        env = os.environ.get(f"PRESS_{name.upper()}")
-        if env is not None:
-            values[name] = _parse_env(name, env, str(f.type))
-        flag = getattr(args, name, None)
-        if flag is not None:
-            values[name] = flag
-    return EngineConfig(**values)
+    """The engine half of the settings (same precedence as `press serve`)."""
+    return load_settings(args).engine
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from server.app import create_app
+    from server.shutdown import run_server
 
-    from server.app import ServerSettings, create_app
-
-    cfg = engine_config(args)
-    app = create_app(ServerSettings(engine=cfg, host=args.host, port=args.port))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    settings = load_settings(args)
+    run_server(create_app(settings), settings.server)
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -165,9 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     _engine_args(p_serve)
-    p_serve.add_argument("--host", default=os.environ.get("PRESS_HOST", "127.0.0.1"))
-    p_serve.add_argument("--port", type=int, default=int(os.environ.get("PRESS_PORT", "8000")))
-    p_serve.add_argument("--log-level", default="info")
+    _server_args(p_serve)
     p_gen = sub.add_parser("generate", help="denoise one prompt in the terminal, showing every pass")
     _engine_args(p_gen)
     p_gen.add_argument("prompt")
@@ -177,7 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     p_gen.add_argument("--seed", type=int, default=None)
     p_gen.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as text")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = (getattr(args, "log_level", None) or os.environ.get("PRESS_LOG_LEVEL") or "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The request log is machine-readable: bare JSON lines on stdout, one per request.
+    request_log = logging.getLogger("press.requests")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    request_log.addHandler(handler)
+    request_log.setLevel(logging.INFO)
+    request_log.propagate = False
     if args.command == "serve":
         serve(args)
     else:

@@ -21,6 +21,7 @@ from engine.engine import ContextLengthError
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent
 from engine.request import DenoiseState
 from engine.sampling_params import REASONING_EFFORT_PRESETS, SamplingParams, SamplingParamsError
+from server.config import ServerConfig
 from server.errors import APIError, bad_request
 from server.protocol import (
     ChatCompletionRequest,
@@ -43,9 +44,16 @@ def _dump(obj: dict) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
+class RequestTimeout(Exception):
+    pass
+
+
 class Serving:
-    def __init__(self, engine: AsyncEngine, model_name: str, aliases: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, engine: AsyncEngine, model_name: str, config: ServerConfig | None = None, aliases: tuple[str, ...] = ()
+    ) -> None:
         self.engine = engine
+        self.config = config or ServerConfig()
         self.model_name = model_name
         self.aliases = {model_name, *aliases}
         self.tokenizer = engine.engine.tokenizer
@@ -189,6 +197,13 @@ class Serving:
             )
         states = []
         for p_idx, prompt in enumerate(prompts):
+            limit = self.config.max_prompt_tokens
+            if limit is not None and len(prompt) > limit:
+                raise bad_request(
+                    f"The prompt is {len(prompt)} tokens; this server accepts at most {limit}.",
+                    param=prompt_param,
+                    code="prompt_too_long",
+                )
             params = self.sampling_params(req, max_tokens, len(prompt))
             for i in range(req.n):
                 choice_params = params
@@ -196,7 +211,9 @@ class Serving:
                     # Distinct but reproducible streams per choice.
                     choice_params = params.with_changes(seed=(params.seed + p_idx * req.n + i) % 2**63)
                 try:
-                    states.append(self.engine.engine.make_request(prompt, choice_params))
+                    state = self.engine.engine.make_request(prompt, choice_params)
+                    state.bills_prompt = i == 0
+                    states.append(state)
                 except ContextLengthError as exc:
                     raise bad_request(str(exc), param=prompt_param, code="context_length_exceeded") from exc
                 except SamplingParamsError as exc:
@@ -220,10 +237,18 @@ class Serving:
                 await queue.put((index, FinishEvent("error", len(state.prompt_ids), 0, 0, 0, 0.0, error=str(exc))))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(states)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_timeout if self.config.request_timeout > 0 else None
         try:
             remaining = len(states)
             while remaining:
-                index, event = await queue.get()
+                if deadline is None:
+                    index, event = await queue.get()
+                else:
+                    try:
+                        index, event = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                    except asyncio.TimeoutError:
+                        raise RequestTimeout from None
                 yield index, event
                 if isinstance(event, FinishEvent):
                     remaining -= 1
@@ -259,7 +284,15 @@ class Serving:
                 work.cancel()
         if work not in done:
             raise APIError(499, "Client closed the request.", code="client_closed_request")
-        work.result()
+        try:
+            work.result()
+        except RequestTimeout:
+            raise APIError(
+                504,
+                f"The request did not finish within {self.config.request_timeout:g} s.",
+                type="timeout_error",
+                code="request_timeout",
+            ) from None
         for r in results:
             if r.finish is not None and r.finish.finish_reason == "error":
                 raise APIError(500, f"Generation failed: {r.finish.error}", type="server_error", code="engine_error")
@@ -273,6 +306,22 @@ class Serving:
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
         }
+
+    def log_details(
+        self, request: Request, req: DiffusionParams, prompt_tokens: int, finishes: list[FinishEvent | None]
+    ) -> None:
+        """What the middleware's JSON request log line says about the generation."""
+        done = [f for f in finishes if f is not None]
+        request.state.log.update(
+            model=self.model_name,
+            stream=bool(req.stream),
+            choices=len(finishes),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=sum(f.completion_tokens for f in done),
+            canvases=sum(f.canvases for f in done),
+            passes=sum(f.passes for f in done),
+            finish_reason=",".join(f.finish_reason for f in done) or "abort",
+        )
 
     @staticmethod
     def stats(finish: FinishEvent) -> dict:
@@ -288,9 +337,13 @@ class Serving:
         """`prompt_tokens` bills each distinct prompt once, as OpenAI does for n > 1."""
         if req.stream:
             return EventSourceResponse(
-                self.stream(req, states, prompt_tokens, chat), sep="\n", ping=15, headers={"X-Accel-Buffering": "no"}
+                self.stream(req, states, prompt_tokens, chat, request),
+                sep="\n",
+                ping=15,
+                headers={"X-Accel-Buffering": "no"},
             )
         results = await self.collect(states, request)
+        self.log_details(request, req, prompt_tokens, [r.finish for r in results])
         created = int(time.time())
         choices = []
         for i, r in enumerate(results):
@@ -326,7 +379,7 @@ class Serving:
         }
 
     async def stream(
-        self, req: DiffusionParams, states: list[DenoiseState], prompt_tokens: int, chat: bool
+        self, req: DiffusionParams, states: list[DenoiseState], prompt_tokens: int, chat: bool, request: Request
     ) -> AsyncIterator[dict]:
         """SSE events: role first, a draft per pass, content per commit, one finish per choice, usage, [DONE]."""
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -364,6 +417,24 @@ class Serving:
                     ]
                 )
         finishes: list[FinishEvent | None] = [None] * len(states)
+        try:
+            async for item in self._stream_events(req, states, chat, finishes, chunk, choice):
+                yield item
+        except RequestTimeout:
+            err = {"message": f"The request did not finish within {self.config.request_timeout:g} s.",
+                   "type": "timeout_error", "param": None, "code": "request_timeout"}  # fmt: skip
+            yield {"data": _dump({"error": err})}
+            yield {"data": "[DONE]"}
+            return
+        finally:
+            self.log_details(request, req, prompt_tokens, finishes)
+        if any(f is not None and f.finish_reason == "error" for f in finishes):
+            return
+        if include_usage:
+            yield chunk([], self.usage(prompt_tokens, finishes), final_usage=True)
+        yield {"data": "[DONE]"}
+
+    async def _stream_events(self, req, states, chat, finishes, chunk, choice) -> AsyncIterator[dict]:
         async for index, event in self.merged_events(states):
             if isinstance(event, PassEvent):
                 if event.draft_text is not None:
@@ -391,6 +462,3 @@ class Serving:
                     yield {"data": "[DONE]"}
                     return
                 yield chunk([choice(index, event.text or None, event.finish_reason, diffusion=self.stats(event))])
-        if include_usage:
-            yield chunk([], self.usage(prompt_tokens, finishes), final_usage=True)
-        yield {"data": "[DONE]"}

@@ -1,0 +1,84 @@
+"""Server settings and the one precedence every setting follows:
+CLI flag > PRESS_* environment variable > YAML preset > default."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+from engine.config import EngineConfig
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Required on /v1/* as `Authorization: Bearer KEY` or `x-api-key: KEY` when set.
+    api_key: str | None = None
+    # Also require the key on /metrics (and /health, /ready stay public for probes).
+    metrics_require_key: bool = False
+    # Comma-separated origins allowed by CORS ("*" for any); empty disables CORS.
+    cors_origins: str = ""
+    # Largest request body accepted, in bytes (413 beyond).
+    max_body_bytes: int = 4 * 1024 * 1024
+    # Seconds a request may run before it is cancelled (504, or an error event in a stream); 0 = no limit.
+    request_timeout: float = 600.0
+    # Longest prompt accepted, in tokens; None = only the context length applies.
+    max_prompt_tokens: int | None = None
+    # Seconds in-flight requests get to finish after SIGTERM before the process exits anyway.
+    shutdown_timeout: float = 30.0
+    # One JSON line per request on the `press.requests` logger.
+    log_requests: bool = True
+    log_level: str = "info"
+
+
+@dataclass
+class Settings:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def _parse(name: str, value: str, kind: str) -> object:
+    kind = kind.replace(" ", "")
+    if kind.startswith("bool"):
+        if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise SystemExit(f"PRESS_{name.upper()}: expected true or false, got {value!r}")
+        return value.lower() in ("1", "true", "yes", "on")
+    try:
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+    except ValueError:
+        raise SystemExit(f"PRESS_{name.upper()}: expected a number, got {value!r}") from None
+    return value
+
+
+def load_settings(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    preset: dict = {}
+    config_path = getattr(args, "config", None) or environ.get("PRESS_CONFIG")
+    if config_path:
+        import yaml
+
+        with open(config_path) as f:
+            preset = yaml.safe_load(f) or {}
+        known = {f.name for f in fields(EngineConfig)} | {f.name for f in fields(ServerConfig)}
+        unknown = sorted(set(preset) - known)
+        if unknown:
+            raise SystemExit(f"{config_path}: unknown settings {', '.join(unknown)}")
+    built = []
+    for cls in (EngineConfig, ServerConfig):
+        values: dict = {}
+        for f in fields(cls):
+            if f.name in preset:
+                values[f.name] = preset[f.name]
+            env = environ.get(f"PRESS_{f.name.upper()}")
+            if env is not None:
+                values[f.name] = _parse(f.name, env, str(f.type))
+            flag = getattr(args, f.name, None)
+            if flag is not None:
+                values[f.name] = flag
+        built.append(cls(**values))
+    return Settings(engine=built[0], server=built[1])

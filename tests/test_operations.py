@@ -1,0 +1,230 @@
+"""Operations: Prometheus metrics arithmetic, API keys, CORS, limits, request ids and logs, graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ServerProcess
+
+KEY = "sk-test-123"
+FAST = {"denoising_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def ops_server(tiny_path):
+    proc = ServerProcess(["--model", str(tiny_path), "--served-model-name", "tiny-random", "--api-key", KEY,
+                          "--cors-origins", "https://app.example", "--max-body-bytes", "20000",
+                          "--max-prompt-tokens", "300", "--request-timeout", "3"])  # fmt: skip
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def auth(key: str = KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """Samples of the press: families, keyed by name plus sorted labels (model_name dropped)."""
+    text = httpx.get(base_url + "/metrics").text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.startswith("press:"):
+                continue
+            labels = {k: v for k, v in sample.labels.items() if k != "model_name"}
+            assert sample.labels.get("model_name") == "tiny-random"
+            key = sample.name + (json.dumps(labels, sort_keys=True) if labels else "")
+            out[key] = sample.value
+    return out
+
+
+def delta(after: dict, before: dict, key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_metrics_arithmetic_matches_usage(ops_server):
+    client = openai.OpenAI(base_url=ops_server.base_url + "/v1", api_key=KEY, max_retries=0)
+    before = scrape(ops_server.base_url)
+    usages, stats, reasons = [], [], []
+    for i in range(3):
+        r = client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": f"q{i}"}],
+                                           max_tokens=40 + 10 * i, seed=i, extra_body=FAST)  # fmt: skip
+        usages.append(r.usage)
+        stats.append(r.choices[0].model_extra["diffusion"])
+        reasons.append(r.choices[0].finish_reason)
+    stream = client.completions.create(model="tiny-random", prompt="metrics", max_tokens=20, seed=9, stream=True,
+                                       stream_options={"include_usage": True}, extra_body=FAST)  # fmt: skip
+    chunks = list(stream)
+    usages.append(chunks[-1].usage)
+    final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    stats.append(final.choices[0].model_extra["diffusion"])
+    reasons.append(final.choices[0].finish_reason)
+    after = scrape(ops_server.base_url)
+    n = len(usages)
+    passes = sum(s["passes"] for s in stats)
+    canvases = sum(s["canvases"] for s in stats)
+    assert delta(after, before, "press:prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert delta(after, before, "press:generation_tokens_total") == sum(u.completion_tokens for u in usages)
+    for family in ("e2e_request_latency_seconds", "time_to_first_token_seconds", "time_to_first_draft_seconds",
+                   "request_queue_time_seconds", "tokens_per_forward"):  # fmt: skip
+        assert delta(after, before, f"press:{family}_count") == n, family
+    assert delta(after, before, "press:denoising_steps_per_canvas_count") == canvases
+    assert delta(after, before, "press:denoising_steps_per_canvas_sum") == passes
+    assert delta(after, before, "press:pass_batch_size_sum") == passes  # requests ran one at a time here
+    assert delta(after, before, "press:pass_duration_seconds_count") == passes
+    assert delta(after, before, "press:canvas_positions_evaluated_total") == passes * 32
+    for reason in ("stop", "length"):
+        key = "press:request_success_total" + json.dumps({"finished_reason": reason})
+        assert delta(after, before, key) == reasons.count(reason)
+    assert after["press:num_requests_running"] == 0 and after["press:num_requests_waiting"] == 0
+
+
+def test_api_key_is_required_on_v1_only(ops_server):
+    base = ops_server.base_url
+    body = {"model": "tiny-random", "prompt": "x", "max_tokens": 4, **FAST}
+    for headers in ({}, auth("wrong"), {"x-api-key": "wrong"}):
+        r = httpx.post(base + "/v1/completions", json=body, headers=headers)
+        assert r.status_code == 401
+        err = r.json()["error"]
+        assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
+    assert httpx.get(base + "/v1/models").status_code == 401
+    assert httpx.post(base + "/v1/completions", json=body, headers=auth()).status_code == 200
+    assert httpx.post(base + "/v1/completions", json=body, headers={"x-api-key": KEY}).status_code == 200
+    for path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(base + path).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_cors_preflight(ops_server):
+    r = httpx.options(ops_server.base_url + "/v1/chat/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})  # fmt: skip
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    r = httpx.options(ops_server.base_url + "/v1/chat/completions", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})  # fmt: skip
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_body_limit_and_prompt_limit(ops_server):
+    base = ops_server.base_url
+    big = {"model": "tiny-random", "prompt": "x" * 30000, "max_tokens": 4}
+    r = httpx.post(base + "/v1/completions", json=big, headers=auth())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        yield b'{"model": "tiny-random", "prompt": "'
+        for _ in range(30):
+            yield b"y" * 1000
+        yield b'"}'
+
+    r = httpx.post(base + "/v1/completions", content=chunks(), headers={**auth(), "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(base + "/v1/completions", json={"model": "tiny-random", "prompt": [10] * 301, "max_tokens": 4},
+                   headers=auth())  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+    assert r.json()["error"]["param"] == "prompt"
+    assert httpx.post(base + "/v1/completions", json={"model": "tiny-random", "prompt": [10] * 300, "max_tokens": 4,
+                                                      **FAST}, headers=auth()).status_code == 200  # fmt: skip
+
+
+def test_request_timeout(ops_server):
+    base = ops_server.base_url
+    long = {"model": "tiny-random", "prompt": "x", "max_tokens": 3000, "denoising_steps": 1000}  # ~8 s a canvas
+    t0 = time.monotonic()
+    r = httpx.post(base + "/v1/completions", json=long, headers=auth(), timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+    assert time.monotonic() - t0 < 10
+    events = []
+    with httpx.stream("POST", base + "/v1/completions", json={**long, "stream": True}, headers=auth(), timeout=30) as s:
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[-2])["error"]["code"] == "request_timeout" and events[-1] == "[DONE]"
+
+
+def test_request_id_echoed_and_logged(ops_server):
+    base = ops_server.base_url
+    body = {"model": "tiny-random", "prompt": "log me", "max_tokens": 8, **FAST}
+    r = httpx.post(base + "/v1/completions", json=body, headers={**auth(), "X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    generated = httpx.post(base + "/v1/completions", json=body, headers=auth()).headers["x-request-id"]
+    assert len(generated) == 32
+    assert httpx.post(base + "/v1/completions", json={}, headers=auth()).headers["x-request-id"]
+    time.sleep(0.3)
+    lines = [json.loads(x) for x in ops_server.log_path.read_text().splitlines() if x.startswith("{")]
+    mine = [x for x in lines if x["request_id"] == "abc-123"]
+    assert len(mine) == 1
+    line = mine[0]
+    usage = r.json()["usage"]
+    assert line["status"] == 200 and line["model"] == "tiny-random" and line["path"] == "/v1/completions"
+    assert line["prompt_tokens"] == usage["prompt_tokens"]
+    assert line["completion_tokens"] == usage["completion_tokens"]
+    assert line["canvases"] >= 1 and line["passes"] == 3 * line["canvases"]
+    assert line["finish_reason"] in ("stop", "length") and line["latency_s"] > 0
+
+
+def test_graceful_shutdown_drains_streams_and_exits_zero(tiny_path):
+    proc = ServerProcess(["--model", str(tiny_path), "--served-model-name", "tiny-random", "--shutdown-timeout",
+                          "20"])  # fmt: skip
+    proc.wait_ready()
+    body = {"model": "tiny-random", "prompt": "drain", "max_tokens": 96, "denoising_steps": 40, "stream": True}
+    events: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", proc.base_url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    started.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        assert started.wait(30)
+        proc.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        r = httpx.post(proc.base_url + "/v1/completions", json={**body, "stream": False}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(proc.base_url + "/ready").status_code == 503
+        t.join(60)
+        assert events[-1] == "[DONE]"  # the in-flight stream finished normally
+        assert any(json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1] if e.startswith("{"))
+        assert proc.proc.wait(30) == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.stop()
+
+
+def test_shutdown_timeout_cuts_long_streams(tiny_path):
+    proc = ServerProcess(["--model", str(tiny_path), "--served-model-name", "tiny-random", "--shutdown-timeout", "1"])
+    proc.wait_ready()
+    body = {"model": "tiny-random", "prompt": "long", "max_tokens": 3000, "stream": True}
+    started = threading.Event()
+
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", proc.base_url + "/v1/completions", json=body, timeout=60) as r:
+                for _ in r.iter_lines():
+                    started.set()
+        except httpx.HTTPError:
+            pass
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    assert started.wait(30)
+    t0 = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(30) == 0
+    assert time.monotonic() - t0 < 10
