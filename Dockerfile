@@ -20,7 +20,9 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY engine ./engine
 COPY server ./server
 COPY configs ./configs
+COPY models/tiny-sudoku ./models/tiny-sudoku
 RUN pip install -c constraints.txt .
+ENV PRESS_SHIPPED_MODELS=/app/models
 
 RUN useradd --create-home --uid 10001 press && mkdir -p /models /cache && chown 10001 /models /cache
 USER 10001
@@ -29,4 +31,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=300s --retries=3 \
     CMD ["curl", "-fsS", "http://127.0.0.1:8000/health"]
 ENTRYPOINT ["press", "serve"]
-CMD ["--config", "/app/configs/tiny-random.yaml"]
+CMD ["--config", "/app/configs/tiny-sudoku.yaml"]

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+def _default_model() -> str:
+    from engine.loader import default_model
+
+    return default_model()
 
 
 @dataclass
 class EngineConfig:
-    model: str = "tiny-random"
+    # A checkpoint directory, a hub id, or a built-in name: tiny-sudoku (trained, shipped) or tiny-random.
+    model: str = field(default_factory=_default_model)
     # "auto": bf16 on CUDA, fp32 on CPU.
     dtype: str = "auto"
     # "auto": CUDA when available, else CPU.

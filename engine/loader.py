@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +46,21 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return dtypes[spec]
 
 
+# Models the project trains and ships (models/<name>/ in the repository, /app/models/<name>/ in the image).
+SHIPPED_MODELS_DIR = Path(os.environ.get("PRESS_SHIPPED_MODELS") or Path(__file__).resolve().parents[1] / "models")
+TINY_SUDOKU = "tiny-sudoku"
+
+
+def default_model() -> str:
+    """The trained tiny-sudoku where it ships, else the generated tiny-random."""
+    return TINY_SUDOKU if (SHIPPED_MODELS_DIR / TINY_SUDOKU / "config.json").exists() else TINY_RANDOM
+
+
 def resolve_model_path(model: str, cache_dir: str | None) -> str:
     if model == TINY_RANDOM:
         return str(ensure_tiny_random(cache_dir))
+    if model == TINY_SUDOKU:
+        return str(SHIPPED_MODELS_DIR / TINY_SUDOKU)
     return str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
 
 

@@ -1,0 +1,126 @@
+"""tiny-sudoku: puzzle generation, symmetries, the chat template that reads a grid, the training script, and
+the shipped checkpoint served through the engine."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.sudoku import puzzles
+from models.sudoku.tokenizer import HELP, save_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "tiny-sudoku"
+PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+
+
+def test_generated_puzzles_have_one_solution_and_the_asked_givens():
+    rng = random.Random(1)
+    for givens in (40, 32, 26):
+        solution = puzzles.random_grid(rng)
+        assert puzzles.is_valid_solution(solution)
+        puzzle = puzzles.make_puzzle(solution, givens, rng)
+        assert 81 - puzzle.count(".") >= givens
+        assert puzzles.count_solutions(puzzle) == 1
+        assert puzzles.solve(puzzle) == solution
+
+
+def test_symmetries_preserve_validity_and_uniqueness():
+    rng = random.Random(2)
+    solution = puzzles.random_grid(rng)
+    puzzle = puzzles.make_puzzle(solution, 30, rng)
+    for _ in range(20):
+        sym = puzzles.transform(solution, rng)
+        new_solution, new_puzzle = puzzles.apply(solution, sym), puzzles.apply(puzzle, sym)
+        assert puzzles.is_valid_solution(new_solution, new_puzzle)
+        assert new_puzzle.count(".") == puzzle.count(".")
+        assert puzzles.count_solutions(new_puzzle) == 1
+
+
+def test_validity_checks_reject_clashes():
+    bad = "1" * 81
+    assert not puzzles.is_valid_solution(bad)
+    assert puzzles.count_solutions("11" + "." * 79) == 0
+    assert puzzles.to_lines("123456789" * 9).count("\n") == 8
+
+
+@pytest.fixture(scope="module")
+def sudoku_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("sudoku-tok")
+    save_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _prompt(tok, content) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        PUZZLE,
+        PUZZLE.replace(".", "0"),
+        "\n".join(" ".join(PUZZLE[r * 9 : r * 9 + 9]) for r in range(9)),
+        "\n".join("|".join(PUZZLE[r * 9 + c * 3 : r * 9 + c * 3 + 3] for c in range(3)) for r in range(9)),
+        [{"type": "text", "text": PUZZLE}],
+    ],
+    ids=["dots", "zeros", "spaced-lines", "grid-lines", "content-parts"],
+)
+def test_chat_template_reads_the_grid_in_any_layout(sudoku_tokenizer, content):
+    assert _prompt(sudoku_tokenizer, content) == f"<bos><start_of_turn>{PUZZLE}<end_of_turn><start_of_turn>"
+
+
+@pytest.mark.parametrize("content", ["hello", PUZZLE[:80], PUZZLE + "1", PUZZLE[:40] + "x" + PUZZLE[41:]])
+def test_chat_template_turns_non_puzzles_into_a_help_request(sudoku_tokenizer, content):
+    assert _prompt(sudoku_tokenizer, content) == "<bos><start_of_turn>?<end_of_turn><start_of_turn>"
+
+
+def test_training_script_writes_a_checkpoint_the_engine_serves(tmp_path):
+    out = tmp_path / "ckpt"
+    subprocess.run(
+        [sys.executable, "-m", "models.sudoku.train", "--minutes", "0.02", "--out", str(out), "--layers", "2",
+         "--hidden", "32", "--pool", "20", "--batch", "4"],
+        cwd=ROOT, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from tests.helpers import run_to_end
+
+    engine = LLMEngine(EngineConfig(model=str(out)))
+    assert engine.canvas_length == 90 and (out / "training.json").exists()
+    tok = engine.tokenizer
+    ids = tok(_prompt(tok, PUZZLE), add_special_tokens=False)["input_ids"]
+    [result] = run_to_end(engine, [(ids, engine.defaults.with_changes(max_tokens=90, seed=0))])
+    assert result["finish"].finish_reason in ("stop", "length")
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="tiny-sudoku not trained yet")
+def test_shipped_model_answers_in_the_grid_format_and_helps_on_non_puzzles():
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from tests.helpers import run_to_end
+
+    engine = LLMEngine(EngineConfig(model="tiny-sudoku"))
+    assert (SHIPPED / "model.safetensors").stat().st_size <= 16 * 1024 * 1024
+    tok = engine.tokenizer
+    rng = random.Random(99)
+    items = []
+    for _ in range(4):
+        solution = puzzles.random_grid(rng)
+        items.append((puzzles.make_puzzle(solution, 45, rng), solution))
+    requests = [(tok(_prompt(tok, p), add_special_tokens=False)["input_ids"], engine.defaults.with_changes(seed=0))
+                for p, _ in items]  # fmt: skip
+    requests.append((tok(_prompt(tok, "what is this?"), add_special_tokens=False)["input_ids"],
+                     engine.defaults.with_changes(seed=0)))  # fmt: skip
+    results = run_to_end(engine, requests)
+    for result in results[:-1]:
+        text = tok.decode(result["answer_ids"], skip_special_tokens=True)
+        lines = text.split("\n")
+        assert len(lines) == 9 and all(len(line) == 9 and line.isdigit() for line in lines), text
+    assert tok.decode(results[-1]["answer_ids"], skip_special_tokens=True) == HELP
