@@ -20,10 +20,10 @@ import torch
 from models.sudoku import puzzles
 
 HELDOUT = Path(__file__).with_name("heldout.txt")
-BUCKETS = [(17, 23), (24, 31), (32, 40), (41, 60)]
+BUCKETS = [(20, 25), (26, 31), (32, 40), (41, 60)]
 
 
-def build_heldout(per_bucket: int = 300, seed: int = 10_000) -> list[tuple[str, str]]:
+def build_heldout(per_bucket: int = 250, seed: int = 10_000) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     out: dict[tuple[int, int], list] = {b: [] for b in BUCKETS}
     while any(len(v) < per_bucket for v in out.values()):
