@@ -54,12 +54,18 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=20000)
     ap.add_argument("--min-givens", type=int, default=22)
     ap.add_argument("--max-givens", type=int, default=60)
+    ap.add_argument("--init", default=None, help="continue from this checkpoint")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     data = Data(args.seed, args.pool, args.min_givens, args.max_givens)
-    model = LlamaForCausalLM(ar_config(args.hidden, args.layers, args.intermediate))
+    previous = None
+    if args.init:
+        model = LlamaForCausalLM.from_pretrained(args.init)
+        previous = json.loads((Path(args.init) / "training.json").read_text())
+    else:
+        model = LlamaForCausalLM(ar_config(args.hidden, args.layers, args.intermediate))
     params = sum(p.numel() for p in model.parameters())
     print(f"parameters {params:,}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -89,7 +95,14 @@ def main() -> None:
     save_tokenizer(out)
     (out / "training.json").write_text(
         json.dumps(
-            {**vars(args), "parameters": params, "steps": step, "loss": ema, "seconds": time.monotonic() - start},
+            {
+                **vars(args),
+                "parameters": params,
+                "steps": step,
+                "loss": ema,
+                "continued_from": previous,
+                "seconds": time.monotonic() - start,
+            },
             indent=1,
         )
     )

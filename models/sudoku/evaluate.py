@@ -62,7 +62,9 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32) -> dic
     engine = LLMEngine(EngineConfig(model=path, max_num_seqs=batch))
     tok = engine.tokenizer
     params = engine.defaults.with_changes(max_tokens=engine.canvas_length, seed=0, include_drafts=False)
-    if effort:
+    if effort == "greedy":
+        params = params.with_changes(t_min=0.0, t_max=0.0)  # what `temperature: 0` asks for over the API
+    elif effort:
         params = params.with_changes(**REASONING_EFFORT_PRESETS[effort])
 
     def prompt(p: str) -> list[int]:
@@ -136,27 +138,37 @@ def summarize(items, texts, passes, tpf, latency) -> dict:
     }
 
 
+def limit_per_bucket(items, limit: int):
+    if not limit:
+        return items
+    picked: dict[str, list] = {}
+    for it in items:
+        picked.setdefault(bucket_of(it[0]), []).append(it)
+    return [it for v in picked.values() for it in v[:limit]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="models/tiny-sudoku")
     ap.add_argument("--ar", default=None, help="autoregressive baseline checkpoint")
     ap.add_argument("--limit", type=int, default=0, help="evaluate at most this many puzzles per bucket")
+    ap.add_argument(
+        "--effort-limit", type=int, default=100, help="puzzles per bucket for the reasoning_effort rows (0 = all)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="where to write eval.json/eval.md (default: the model dir)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     items = load_heldout()
-    if args.limit:
-        picked: dict[str, list] = {}
-        for it in items:
-            picked.setdefault(bucket_of(it[0]), []).append(it)
-        items = [it for v in picked.values() for it in v[: args.limit]]
+    items = limit_per_bucket(items, args.limit)
     rows = {}
-    for effort in (None, "low", "medium", "high"):
-        rows[f"diffusion ({effort or 'defaults'})"] = eval_diffusion(args.model, items, effort)
+    for effort in (None, "greedy", "low", "medium", "high"):
+        label = {None: "defaults", "greedy": "temperature 0"}.get(effort, f"reasoning_effort {effort}")
+        subset = items if effort in (None, "greedy") else limit_per_bucket(items, args.effort_limit)
+        rows[f"diffusion ({label}), {len(subset)} puzzles"] = eval_diffusion(args.model, subset, effort, batch=64)
         print(rows, flush=True)
     if args.ar:
-        rows["autoregressive (greedy)"] = eval_ar(args.ar, items)
+        rows[f"autoregressive (greedy), {len(items)} puzzles"] = eval_ar(args.ar, items)
     buckets = [f"{lo}-{hi}" for lo, hi in BUCKETS]
     lines = [
         f"Held-out puzzles: {len(items)} ({', '.join(f'{b} givens' for b in buckets)}); latency at batch 1 on "

@@ -152,13 +152,16 @@ def save(model, out: Path, settings: dict, generation: dict) -> None:
     (out / "training.json").write_text(json.dumps(settings, indent=1) + "\n")
 
 
+# Tuned on held-out puzzles (models/sudoku/evaluate.py). Low temperatures made every position look certain,
+# so a canvas was accepted whole on the first pass; a warmer schedule with a tight entropy bound refines over
+# more passes. (Greedy, temperature 0, does best but cannot be stored: transformers requires t_max > t_min.)
 DEFAULT_GENERATION = {
-    "denoising_steps": 32,
-    "entropy_bound": 0.5,
-    "t_min": 0.1,
-    "t_max": 0.3,
+    "denoising_steps": 64,
+    "entropy_bound": 0.1,
+    "t_min": 0.6,
+    "t_max": 1.0,
     "stability_threshold": 1,
-    "confidence_threshold": 0.01,
+    "confidence_threshold": 0.001,
 }
 
 
@@ -180,19 +183,30 @@ def main() -> None:
     ap.add_argument("--sc-prob", type=float, default=0.5)
     ap.add_argument("--help-every", type=int, default=25, help="one help-message batch every N steps")
     ap.add_argument("--save-every", type=float, default=5, help="minutes between checkpoints")
+    ap.add_argument("--init", default=None, help="continue from this checkpoint instead of random weights")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     data = Data(args.seed, args.pool, args.min_givens, args.max_givens)
-    model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**model_config(args.layers, args.hidden)))
+    if args.init:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init)
+        previous = json.loads((Path(args.init) / "training.json").read_text())
+    else:
+        model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**model_config(args.layers, args.hidden)))
+        previous = None
     model.train()
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     budget = args.minutes * 60
     start = last_save = time.monotonic()
     out = Path(args.out)
-    settings = {**vars(args), "parameters": params, "objective": "uniform-noise x0 prediction + self-conditioning"}
+    settings = {
+        **vars(args),
+        "parameters": params,
+        "objective": "uniform-noise x0 prediction + self-conditioning",
+        "continued_from": previous,
+    }
     step, ema = 0, None
     print(f"parameters {params:,}", flush=True)
     while time.monotonic() - start < budget:
