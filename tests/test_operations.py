@@ -182,7 +182,7 @@ def test_graceful_shutdown_drains_streams_and_exits_zero(tiny_path):
     proc = ServerProcess(["--model", str(tiny_path), "--served-model-name", "tiny-random", "--shutdown-timeout",
                           "20"])  # fmt: skip
     proc.wait_ready()
-    body = {"model": "tiny-random", "prompt": "drain", "max_tokens": 192, "denoising_steps": 48, "stream": True}
+    body = {"model": "tiny-random", "prompt": "drain", "max_tokens": 320, "denoising_steps": 64, "stream": True}
     events: list[str] = []
     started = threading.Event()
 
