@@ -24,63 +24,66 @@ def _candidates(cells: list[int], i: int) -> int:
     return ALL & ~used
 
 
+def _search(cells: list[int], on_solution) -> bool:
+    """Backtrack over the most constrained blank cell; `on_solution(cells)` returns True to stop."""
+    best, best_mask, best_n = -1, 0, 10
+    for i in range(81):
+        if cells[i] == 0:
+            mask = _candidates(cells, i)
+            n = bin(mask).count("1")
+            if n < best_n:
+                best, best_mask, best_n = i, mask, n
+                if n <= 1:
+                    break
+    if best == -1:
+        return on_solution(cells)
+    for d in range(1, 10):
+        if best_mask & (1 << d):
+            cells[best] = d
+            if _search(cells, on_solution):
+                cells[best] = 0
+                return True
+    cells[best] = 0
+    return False
+
+
+def _cells(puzzle: str) -> list[int] | None:
+    """Puzzle as ints (0 = blank), or None when two givens clash."""
+    cells = [0 if ch == "." else int(ch) for ch in puzzle]
+    for i, v in enumerate(cells):
+        if v and any(cells[p] == v for p in PEERS[i]):
+            return None
+    return cells
+
+
 def count_solutions(puzzle: str, limit: int = 2) -> int:
     """Number of solutions, counted up to `limit`."""
-    cells = [0 if ch == "." else int(ch) for ch in puzzle]
-    for i, v in enumerate(cells):  # givens must not clash
-        if v and any(cells[p] == v for p in PEERS[i]):
-            return 0
-    count = 0
+    cells = _cells(puzzle)
+    if cells is None:
+        return 0
+    found: list[str] = []
 
-    def search() -> bool:
-        nonlocal count
-        best, best_mask, best_n = -1, 0, 10
-        for i in range(81):
-            if cells[i] == 0:
-                mask = _candidates(cells, i)
-                n = bin(mask).count("1")
-                if n < best_n:
-                    best, best_mask, best_n = i, mask, n
-                    if n <= 1:
-                        break
-        if best == -1:
-            count += 1
-            return count >= limit
-        for d in range(1, 10):
-            if best_mask & (1 << d):
-                cells[best] = d
-                if search():
-                    return True
-        cells[best] = 0
-        return False
+    def record(solved: list[int]) -> bool:
+        found.append("")
+        return len(found) >= limit
 
-    search()
-    return count
+    _search(cells, record)
+    return len(found)
 
 
 def solve(puzzle: str) -> str | None:
     """The first solution found, or None."""
-    cells = [0 if ch == "." else int(ch) for ch in puzzle]
+    cells = _cells(puzzle)
+    if cells is None:
+        return None
+    found: list[str] = []
 
-    def search() -> bool:
-        best, best_mask, best_n = -1, 0, 10
-        for i in range(81):
-            if cells[i] == 0:
-                mask = _candidates(cells, i)
-                n = bin(mask).count("1")
-                if n < best_n:
-                    best, best_mask, best_n = i, mask, n
-        if best == -1:
-            return True
-        for d in range(1, 10):
-            if best_mask & (1 << d):
-                cells[best] = d
-                if search():
-                    return True
-        cells[best] = 0
-        return False
+    def record(solved: list[int]) -> bool:
+        found.append("".join(map(str, solved)))
+        return True
 
-    return "".join(map(str, cells)) if search() else None
+    _search(cells, record)
+    return found[0] if found else None
 
 
 def random_grid(rng: random.Random) -> str:
