@@ -151,11 +151,17 @@ class LLMEngine:
     def _denoise_pass(self, rows: list[DenoiseState], emit: Callable[[DenoiseState, Event], None]) -> None:
         start = time.perf_counter()
         logits = self.runner.denoise_logits(rows)
-        for i, state in enumerate(rows):
-            if state.total_passes == 0:
-                self.metrics.first_pass(state)
-            self._denoise_row(state, logits[i], emit)
-        self.metrics.batched_pass(len(rows), self.canvas_length, time.perf_counter() - start)
+        # Events wait until the pass is recorded, so a client that sees its answer also sees it in /metrics.
+        events: list[tuple[DenoiseState, Event]] = []
+        try:
+            for i, state in enumerate(rows):
+                if state.total_passes == 0:
+                    self.metrics.first_pass(state)
+                self._denoise_row(state, logits[i], lambda s, e: events.append((s, e)))
+            self.metrics.batched_pass(len(rows), self.canvas_length, time.perf_counter() - start)
+        finally:  # even when a row fails, the events already produced reach their clients
+            for state, event in events:
+                emit(state, event)
 
     @torch.inference_mode()
     def _denoise_row(self, state: DenoiseState, logits: torch.Tensor, emit: Callable) -> None:
