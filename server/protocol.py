@@ -50,6 +50,8 @@ class DiffusionParams(BaseModel):
     t_max: Annotated[float, Field(ge=0, le=10)] | None = None
     stability_threshold: Annotated[StrictInt, Field(ge=0, le=1024)] | None = None
     confidence_threshold: Annotated[float, Field(gt=0)] | None = None
+    # As in vLLM: keep denoising canvases past EOS until max_tokens (benchmarks, load tests).
+    ignore_eos: StrictBool = False
 
 
 class TextPart(BaseModel):

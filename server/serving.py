@@ -130,7 +130,7 @@ class Serving:
             top_p=req.top_p if req.top_p is not None else 1.0,
             seed=req.seed,
             stop=stop,
-            eos_token_ids=list(d.eos_token_ids),
+            eos_token_ids=[] if req.ignore_eos else list(d.eos_token_ids),
             include_drafts=include_drafts,
         )
         try:

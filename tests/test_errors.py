@@ -40,6 +40,7 @@ BAD = [
     ("confidence-zero", CHAT, {**OK_CHAT, "confidence_threshold": 0}, 400, "confidence_threshold", "invalid_value"),
     ("stability-negative", CHAT, {**OK_CHAT, "stability_threshold": -1}, 400, "stability_threshold",
      "invalid_value"),
+    ("ignore-eos-not-bool", CHAT, {**OK_CHAT, "ignore_eos": "yes"}, 400, "ignore_eos", "invalid_value"),
     ("reasoning-effort", CHAT, {**OK_CHAT, "reasoning_effort": "extreme"}, 400, "reasoning_effort", "invalid_value"),
     ("logprobs", CHAT, {**OK_CHAT, "logprobs": True}, 400, "logprobs", None),
     ("tools", CHAT, {**OK_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),

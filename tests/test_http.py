@@ -223,7 +223,8 @@ def test_reasoning_effort_changes_the_budget(client):
 
 
 def test_health_is_fast_during_long_generation(server):
-    body = {"model": "tiny-random", "prompt": "long", "max_tokens": 2048, "stream": True}
+    # ignore_eos: a random model samples EOS somewhere in 2048 tokens more often than not.
+    body = {"model": "tiny-random", "prompt": "long", "max_tokens": 2048, "stream": True, "ignore_eos": True}
     started = threading.Event()
     stop = threading.Event()
 
@@ -264,7 +265,7 @@ def _wait_idle(server, timeout: float = 10.0) -> float:
 
 
 def test_client_disconnect_stops_work(server):
-    body = {"model": "tiny-random", "prompt": "long", "max_tokens": 3000, "stream": True}
+    body = {"model": "tiny-random", "prompt": "long", "max_tokens": 3000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 10:
@@ -276,3 +277,21 @@ def test_client_disconnect_stops_work(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.base_url + "/v1/completions", json={**body, "stream": False}, timeout=1.0)
     _wait_idle(server)
+
+
+def test_ignore_eos_runs_to_max_tokens(client):
+    # Sixteen seeded choices of a random model: at least one meets EOS inside 256 tokens (checked below).
+    kw = dict(model="tiny-random", prompt="Once", max_tokens=256, n=16, seed=11, extra_body={"denoising_steps": 1})
+    plain = client.completions.create(**kw)
+    stopped = [c for c in plain.choices if c.finish_reason == "stop"]
+    assert stopped, "no choice met EOS; pick another seed"
+    kept = client.completions.create(**{**kw, "extra_body": {"denoising_steps": 1, "ignore_eos": True}})
+    assert all(c.finish_reason == "length" for c in kept.choices)
+    assert kept.usage.completion_tokens == 16 * 256
+    by_index = {c.index: c for c in kept.choices}
+    for c in stopped:
+        # Same seed, same passes: the text up to EOS is unchanged, and generation goes on after it.
+        assert by_index[c.index].text.startswith(c.text)
+        assert c.model_extra["diffusion"]["canvases"] < by_index[c.index].model_extra["diffusion"]["canvases"] or (
+            len(by_index[c.index].text) > len(c.text)
+        )

@@ -214,7 +214,7 @@ def test_graceful_shutdown_drains_streams_and_exits_zero(tiny_path):
 def test_shutdown_timeout_cuts_long_streams(tiny_path):
     proc = ServerProcess(["--model", str(tiny_path), "--served-model-name", "tiny-random", "--shutdown-timeout", "1"])
     proc.wait_ready()
-    body = {"model": "tiny-random", "prompt": "long", "max_tokens": 3000, "stream": True}
+    body = {"model": "tiny-random", "prompt": "long", "max_tokens": 3000, "stream": True, "ignore_eos": True}
     started = threading.Event()
 
     def stream() -> None:
