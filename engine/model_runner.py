@@ -55,6 +55,7 @@ class ModelRunner:
         self.layer_types = list(self.model.config.get_text_config().layer_types)
         self._prefix_key: tuple | None = None
         self._prefix: tuple[BatchedPrefix, dict] | None = None
+        self.batch_invariant = batch_invariant
         if batch_invariant:
             batch_invariance.install(self.model, expert_block=64 if self.device.type == "cuda" else 16)
 
@@ -113,7 +114,7 @@ class ModelRunner:
         self._prefix = None  # free the previous gathered copy before building the next
         batch = len(rows)
         layers = []
-        masks: dict[str, RowPrefix | None] = {}
+        masks: dict[str, RowPrefix | torch.Tensor | None] = {}
         for idx, layer_type in enumerate(self.layer_types):
             parts = [s.cache.layers[idx] for s in rows]
             lengths = [p.keys.shape[-2] for p in parts]
@@ -126,10 +127,21 @@ class ModelRunner:
                 values[b, :, longest - n :] = p.values[0]
             layers.append(_PrefixLayer(keys, values))
             if layer_type not in masks:
-                # Nothing padded: one batched SDPA call. Otherwise attention runs row by row (batch invariance).
-                masks[layer_type] = None if min(lengths) == longest else RowPrefix(tuple(longest - n for n in lengths))
+                masks[layer_type] = self._prefix_mask([longest - n for n in lengths], longest)
         self._prefix_key, self._prefix = key, (BatchedPrefix(layers), masks)
         return self._prefix
+
+    def _prefix_mask(self, pads: list[int], prefix_len: int) -> RowPrefix | torch.Tensor | None:
+        """What hides each row's left padding from its canvas: nothing when no row is padded (one batched
+        SDPA call); row-by-row attention under batch invariance; otherwise a boolean mask (True = attend)
+        over the padded prefix and the canvas, which the canvas sees bidirectionally."""
+        if max(pads) == 0:
+            return None
+        if self.batch_invariant:
+            return RowPrefix(tuple(pads))
+        keys = torch.arange(prefix_len + self.canvas_length, device=self.device)
+        visible = keys[None, :] >= torch.tensor(pads, device=self.device)[:, None]
+        return visible[:, None, None, :].expand(-1, 1, self.canvas_length, -1)
 
     def release_prefix(self) -> None:
         self._prefix_key, self._prefix = None, None

@@ -86,6 +86,26 @@ def test_one_forward_serves_every_running_row(batch_engine, monkeypatch):
     assert batch_sizes == [8] * 5  # five passes, each one forward over all eight canvases
 
 
+@pytest.mark.parametrize("batch_invariant", [False, True], ids=["stock-kernels", "batch-invariant-kernels"])
+def test_batched_pass_hides_each_rows_padding(tiny_path, batch_invariant):
+    """Rows with different prompt lengths in one pass see exactly their own prefix: their logits match the
+    row alone (bitwise under batch invariance, to float tolerance with stock kernels and a padding mask)."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=4, batch_invariant=batch_invariant))
+    params = SamplingParams(max_tokens=32, denoising_steps=4, seed=3, include_drafts=False)
+    for n in (3, 40, 130, 9):
+        engine.add_request(engine.make_request(list(range(10, 10 + n)), params))
+    engine.step(lambda *_: None)  # prefill all four (within one chunk budget) and run a first pass
+    rows = list(engine.scheduler.running)
+    assert len(rows) == 4 and all(s.status is RequestStatus.DENOISING for s in rows)
+    together = engine.runner.denoise_logits(rows)
+    for i, state in enumerate(rows):
+        alone = engine.runner.denoise_logits([state])[0]
+        if batch_invariant:
+            assert torch.equal(together[i], alone)
+        else:
+            torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-4)
+
+
 def test_slots_bound_the_batch_and_the_rest_wait(tiny_path):
     engine = LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=2))
     params = SamplingParams(max_tokens=32, denoising_steps=3, seed=1, include_drafts=False)
