@@ -1,6 +1,7 @@
 """The engine heartbeat: schedule, run one denoising pass per running request, post-process.
 
-Synchronous and single-threaded on purpose; `AsyncEngine` runs it on its own thread. Each call to
+Synchronous on purpose (only the per-row sampler math fans out to a small pool); `AsyncEngine` runs it on
+its own thread. Each call to
 `step()` advances every running request by exactly one decoder pass, so concurrent requests make progress
 together and a cancelled one is dropped at the next pass boundary.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +28,17 @@ from engine.sampling_params import SamplingParams, SamplingParamsError
 from engine.scheduler import Scheduler
 
 log = logging.getLogger("press.engine")
+
+
+@dataclass(frozen=True)
+class PassOutcome:
+    """What one pass decided for one row, handed from the sampler to the bookkeeping."""
+
+    argmax_ids: list[int]
+    accepted: int
+    mean_entropy: float
+    stable: bool
+    confident: bool
 
 
 class ContextLengthError(ValueError):
@@ -45,6 +59,10 @@ class LLMEngine:
         self.max_model_len = self.loaded.max_model_len
         self.defaults = self.loaded.defaults
         self.metrics = EngineMetrics(config.served_model_name or config.model)
+        workers = min(torch.get_num_threads(), config.max_num_seqs)
+        self._sampler_pool = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="press-sampler") if workers > 1 else None
+        )
 
     # ----------------------------------------------------------------- requests
 
@@ -154,21 +172,30 @@ class LLMEngine:
         # Events wait until the pass is recorded, so a client that sees its answer also sees it in /metrics.
         events: list[tuple[DenoiseState, Event]] = []
         try:
-            for i, state in enumerate(rows):
+            for state, outcome in zip(rows, self._sample_rows(rows, logits), strict=True):
                 if state.total_passes == 0:
                     self.metrics.first_pass(state)
-                self._denoise_row(state, logits[i], lambda s, e: events.append((s, e)))
+                self._after_pass(state, outcome, lambda s, e: events.append((s, e)))
             self.metrics.batched_pass(len(rows), self.canvas_length, time.perf_counter() - start)
         finally:  # even when a row fails, the events already produced reach their clients
             for state, event in events:
                 emit(state, event)
 
-    @torch.inference_mode()
-    def _denoise_row(self, state: DenoiseState, logits: torch.Tensor, emit: Callable) -> None:
-        """The sampler step for one row: schedule, propose, accept, renoise, stop check, self-conditioning.
+    def _sample_rows(self, rows: list[DenoiseState], logits: torch.Tensor) -> list[PassOutcome]:
+        """The sampler step of every row. Rows are independent (own generator, own canvas), so they run on a
+        small thread pool: most of a row's time is its generator's exponential draws, which release the GIL.
+        Each row's draws stay in its own order, so tokens do not depend on the pool."""
+        if len(rows) == 1 or self._sampler_pool is None:
+            return [self._sample_row(state, logits[i]) for i, state in enumerate(rows)]
+        return list(self._sampler_pool.map(lambda i: self._sample_row(rows[i], logits[i]), range(len(rows))))
 
-        `logits` is this row's slice of the batch's fp32 logits and is scaled in place, so the only
-        canvas x vocab fp32 tensor of the row stays the one the model produced.
+    @torch.inference_mode()
+    def _sample_row(self, state: DenoiseState, logits: torch.Tensor) -> PassOutcome:
+        """Schedule, propose, accept, renoise, stop check and self-conditioning for one row.
+
+        Touches only this row's tensors, so rows may run in parallel. `logits` is this row's slice of the
+        batch's fp32 logits and is scaled in place, so the only canvas x vocab fp32 tensor of the row stays
+        the one the model produced.
         """
         params = state.params
         if params.greedy:
@@ -185,26 +212,35 @@ class LLMEngine:
         state.canvas = denoise.renoise(state.canvas, proposed, accepted, self.vocab_size, state.generator)
         stable = denoise.is_stable(state.history, argmax_canvas)
         state.history = denoise.push_history(state.history, argmax_canvas)
-        confident = denoise.is_confident(entropy, params.confidence_threshold)
         state.self_conditioning = processed.to(self.runner.sc_dtype)
         state.argmax_canvas = argmax_canvas
+        return PassOutcome(
+            argmax_ids=argmax_canvas.tolist(),
+            accepted=int(accepted.sum()),
+            mean_entropy=float(entropy.mean()),
+            stable=stable,
+            confident=denoise.is_confident(entropy, params.confidence_threshold),
+        )
+
+    def _after_pass(self, state: DenoiseState, outcome: PassOutcome, emit: Callable) -> None:
+        """Count the pass, report it, and commit the canvas when it is done (sequential, in row order)."""
+        params = state.params
         state.pass_index += 1
         state.total_passes += 1
-        argmax_ids = argmax_canvas.tolist()
         emit(
             state,
             PassEvent(
                 canvas_index=state.canvas_index,
                 pass_index=state.pass_index - 1,
-                argmax_ids=argmax_ids,
-                accepted=int(accepted.sum()),
+                argmax_ids=outcome.argmax_ids,
+                accepted=outcome.accepted,
                 canvas_length=self.canvas_length,
-                mean_entropy=float(entropy.mean()),
-                draft_text=self._draft_text(argmax_ids, params) if params.include_drafts else None,
+                mean_entropy=outcome.mean_entropy,
+                draft_text=self._draft_text(outcome.argmax_ids, params) if params.include_drafts else None,
             ),
         )
-        if (stable and confident) or state.pass_index >= params.denoising_steps:
-            self._commit_canvas(state, argmax_ids, emit)
+        if (outcome.stable and outcome.confident) or state.pass_index >= params.denoising_steps:
+            self._commit_canvas(state, outcome.argmax_ids, emit)
 
     def _draft_text(self, ids: list[int], params: SamplingParams) -> str:
         eos = set(params.eos_token_ids)
