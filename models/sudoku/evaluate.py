@@ -155,6 +155,11 @@ def main() -> None:
     ap.add_argument(
         "--effort-limit", type=int, default=100, help="puzzles per bucket for the reasoning_effort rows (0 = all)"
     )
+    ap.add_argument(
+        "--configs",
+        default="defaults,greedy,low,medium,high",
+        help="comma-separated diffusion settings to evaluate: defaults, greedy (temperature 0), low, medium, high",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="where to write eval.json/eval.md (default: the model dir)")
     args = ap.parse_args()
@@ -162,7 +167,8 @@ def main() -> None:
     items = load_heldout()
     items = limit_per_bucket(items, args.limit)
     rows = {}
-    for effort in (None, "greedy", "low", "medium", "high"):
+    for name in args.configs.split(","):
+        effort = None if name == "defaults" else name
         label = {None: "defaults", "greedy": "temperature 0"}.get(effort, f"reasoning_effort {effort}")
         subset = items if effort in (None, "greedy") else limit_per_bucket(items, args.effort_limit)
         rows[f"diffusion ({label}), {len(subset)} puzzles"] = eval_diffusion(args.model, subset, effort, batch=64)
