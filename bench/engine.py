@@ -131,6 +131,44 @@ def time_engine(engine: LLMEngine, batch: int, prompt_len: int, canvas: int, ste
     return one_canvas()
 
 
+def invariance_rate(engine: LLMEngine, batch: int, prompt_len: int, canvas: int, steps: int) -> dict:
+    """Each of `batch` seeded requests (different prompt lengths and sampling parameters) alone, then all
+    together: the share of requests, and of tokens, that come out identical."""
+    g = torch.Generator().manual_seed(1234)
+    requests = []
+    for i in range(batch):
+        n = max(1, prompt_len - 37 * i)
+        params = SamplingParams(
+            max_tokens=canvas,
+            denoising_steps=max(2, steps - 5 * i),
+            entropy_bound=(0.1, 1.0, 5.0)[i % 3],
+            t_min=0.2 + 0.05 * i,
+            t_max=0.8,
+            confidence_threshold=1e-9,
+            eos_token_ids=[],
+            include_drafts=False,
+            seed=100 + i,
+        )
+        requests.append((torch.randint(10, engine.vocab_size, (n,), generator=g).tolist(), params))
+
+    def run(group: list) -> list[list[int]]:
+        states = [engine.make_request(p, sp) for p, sp in group]
+        for s in states:
+            engine.add_request(s)
+        while engine.has_unfinished():
+            engine.step(lambda *_: None)
+        return [s.answer_ids for s in states]
+
+    alone = [run([r])[0] for r in requests]
+    together = run(requests)
+    same_tokens = sum(a == b for x, y in zip(alone, together, strict=True) for a, b in zip(x, y, strict=True))
+    return {
+        "requests": batch,
+        "identical_requests": sum(x == y for x, y in zip(alone, together, strict=True)) / batch,
+        "identical_tokens": same_tokens / sum(len(x) for x in alone),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
@@ -162,6 +200,7 @@ def main() -> None:
                 "peak_memory_gb": peak_gb(dev),
             }
         )
+    invariance = invariance_rate(engine, max(batches), prompt_len, canvas, args.steps)
     base = rows[0]["press_pass_ms"]
     lines = [
         f"Engine pass time, {args.size} model, prompt {prompt_len}, canvas {canvas}, {args.steps} passes per canvas, "
@@ -177,6 +216,12 @@ def main() -> None:
             f"{r['press_pass_ms'] / r['hf_pass_ms']:.2f} | {r['press_pass_ms'] / base:.2f}x | "
             f"{r['hf_canvas_tokens_per_s']:.0f} | {r['press_canvas_tokens_per_s']:.0f} | {r['peak_memory_gb']:.2f} |"
         )
+    lines += [
+        "",
+        f"Batch invariance ({invariance['requests']} seeded requests alone vs together): "
+        f"{invariance['identical_requests']:.0%} of requests and {invariance['identical_tokens']:.2%} of tokens "
+        "identical.",
+    ]
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
@@ -192,6 +237,7 @@ def main() -> None:
                 "canvas": canvas,
                 "rows": rows,
                 "batch_invariant": not args.no_batch_invariant,
+                "invariance": invariance,
             },
             indent=1,
         )

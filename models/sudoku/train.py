@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--max-givens", type=int, default=60)
     ap.add_argument("--sc-prob", type=float, default=0.5)
     ap.add_argument("--help-every", type=int, default=25, help="one help-message batch every N steps")
+    ap.add_argument("--help-batch", type=int, default=8, help="examples in a help-message batch")
     ap.add_argument("--save-every", type=float, default=5, help="minutes between checkpoints")
     ap.add_argument("--init", default=None, help="continue from this checkpoint instead of random weights")
     args = ap.parse_args()
@@ -215,7 +216,7 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         help_step = args.help_every and step % args.help_every == args.help_every - 1
-        prompt, x0 = data.help_batch(8) if help_step else data.puzzle_batch(args.batch)
+        prompt, x0 = data.help_batch(args.help_batch) if help_step else data.puzzle_batch(args.batch)
         loss = train_step(model, prompt, x0, gen, args.sc_prob)
         opt.zero_grad(set_to_none=True)
         loss.backward()
