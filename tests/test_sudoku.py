@@ -116,13 +116,14 @@ def test_shipped_model_answers_in_the_grid_format_and_helps_on_non_puzzles():
         items.append((puzzles.make_puzzle(solution, 45, rng), solution))
     requests = [(tok(_prompt(tok, p), add_special_tokens=False)["input_ids"], engine.defaults.with_changes(seed=0))
                 for p, _ in items]  # fmt: skip
-    requests.append((tok(_prompt(tok, "what is this?"), add_special_tokens=False)["input_ids"],
-                     engine.defaults.with_changes(seed=0)))  # fmt: skip
+    for i, message in enumerate(["what is this?", "1 2 3 4 5 6 7 8 9"]):
+        requests.append((tok(_prompt(tok, message), add_special_tokens=False)["input_ids"],
+                         engine.defaults.with_changes(seed=i)))  # fmt: skip
     results = run_to_end(engine, requests)
-    for result in results[:-1]:
+    for result in results[:-2]:
         text = tok.decode(result["answer_ids"], skip_special_tokens=True)
         lines = text.split("\n")
         assert len(lines) == 9 and all(len(line) == 9 and line.isdigit() for line in lines), text
-    # The help reply is learned, not hard-coded; the shipped model still garbles some of its letters.
-    reply = tok.decode(results[-1]["answer_ids"], skip_special_tokens=True)
-    assert reply.startswith("Send") and "sudoku" in reply and len(reply) <= len(HELP) + 10, reply
+    # The help reply is learned, not hard-coded: the model writes it from the template's help request.
+    for result in results[-2:]:
+        assert tok.decode(result["answer_ids"], skip_special_tokens=True) == HELP
