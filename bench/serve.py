@@ -120,6 +120,7 @@ def spawn_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
             "warning",
             "--max-num-seqs",
             str(args.max_num_seqs),
+            *(["--no-batch-invariant"] if args.no_batch_invariant else []),
         ],
         cwd=Path(__file__).resolve().parents[1],
         stdout=subprocess.DEVNULL,
@@ -146,6 +147,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-random")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--max-num-seqs", type=int, default=8)
+    ap.add_argument("--no-batch-invariant", action="store_true", help="spawned server uses stock kernels")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -177,6 +179,8 @@ def main() -> None:
         f"denoising_steps {args.denoising_steps or 'model default'} — client on {platform.machine()}, "
         f"{os.cpu_count()} CPUs"
     )
+    if args.no_batch_invariant:
+        head += ", server on stock kernels (batch invariance off)"
     lines = [
         head,
         "",
@@ -199,8 +203,9 @@ def main() -> None:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    (out / "serve.md").write_text(table + "\n")
+    tag = "serve-stock-kernels" if args.no_batch_invariant else "serve"
+    (out / f"{tag}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    (out / f"{tag}.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":
