@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from models.sudoku.tokenizer import BOS, EOS, PAD, VOCAB_SIZE, save_tokenizer
-from models.sudoku.train import Data
+from models.sudoku.train import Data, learning_rate
 
 
 def ar_config(hidden: int, layers: int, intermediate: int):
@@ -72,7 +71,7 @@ def main() -> None:
     budget, start, step, ema = args.minutes * 60, time.monotonic(), 0, None
     while time.monotonic() - start < budget:
         progress = (time.monotonic() - start) / budget
-        lr = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        lr = learning_rate(args.lr, step, progress)
         for group in opt.param_groups:
             group["lr"] = lr
         prompt, target = data.puzzle_batch(args.batch)

@@ -110,6 +110,12 @@ class Data:
         return torch.tensor([self.enc.prompt("?")] * size), torch.tensor([self.enc.canvas(HELP)] * size)
 
 
+def learning_rate(base: float, step: int, progress: float, warmup: int = 200) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to a tenth of `base` as `progress` (the share of
+    the time budget spent) goes from 0 to 1. Shared by the diffusion model and the autoregressive baseline."""
+    return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def corrupt(x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Uniform-noise forward process: each position becomes a uniformly random token with probability t."""
     t = torch.rand((x0.shape[0], 1), generator=gen)
@@ -212,7 +218,7 @@ def main() -> None:
     print(f"parameters {params:,}", flush=True)
     while time.monotonic() - start < budget:
         progress = (time.monotonic() - start) / budget
-        lr = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        lr = learning_rate(args.lr, step, progress)
         for group in opt.param_groups:
             group["lr"] = lr
         help_step = args.help_every and step % args.help_every == args.help_every - 1
