@@ -166,7 +166,10 @@ class LLMEngine:
         # Events wait until the pass is recorded, so a client that sees its answer also sees it in /metrics.
         events: list[tuple[DenoiseState, Event]] = []
         try:
-            for state, outcome in zip(rows, self._sample_rows(rows, logits), strict=True):
+            # Rows are independent, but they sample on the engine thread: a thread pool made every later
+            # forward ~4x slower on CPU (each calling thread brings its own OpenMP team to fight over the cores).
+            outcomes = [self._sample_row(state, logits[i]) for i, state in enumerate(rows)]
+            for state, outcome in zip(rows, outcomes, strict=True):
                 if state.total_passes == 0:
                     self.metrics.first_pass(state)
                 self._after_pass(state, outcome, lambda s, e: events.append((s, e)))
@@ -174,12 +177,6 @@ class LLMEngine:
         finally:  # even when a row fails, the events already produced reach their clients
             for state, event in events:
                 emit(state, event)
-
-    def _sample_rows(self, rows: list[DenoiseState], logits: torch.Tensor) -> list[PassOutcome]:
-        """The sampler step of every row, one after another. Rows are independent, but running them on a
-        thread pool made every later forward about 4x slower on CPU (each calling thread brings its own
-        OpenMP team, and the teams fight over the cores), so the sampler stays on the engine thread."""
-        return [self._sample_row(state, logits[i]) for i, state in enumerate(rows)]
 
     @torch.inference_mode()
     def _sample_row(self, state: DenoiseState, logits: torch.Tensor) -> PassOutcome:

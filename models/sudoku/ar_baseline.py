@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from models.sudoku.tokenizer import BOS, EOS, PAD, VOCAB_SIZE, save_tokenizer
-from models.sudoku.train import Data, learning_rate
+from models.sudoku.train import Data, learning_rate, training_record
 
 
 def ar_config(hidden: int, layers: int, intermediate: int):
@@ -59,10 +59,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     data = Data(args.seed, args.pool, args.min_givens, args.max_givens)
-    previous = None
+    previous = training_record(args.init)  # read before any save: --out may equal --init
     if args.init:
         model = LlamaForCausalLM.from_pretrained(args.init)
-        previous = json.loads((Path(args.init) / "training.json").read_text())
     else:
         model = LlamaForCausalLM(ar_config(args.hidden, args.layers, args.intermediate))
     params = sum(p.numel() for p in model.parameters())

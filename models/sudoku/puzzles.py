@@ -61,14 +61,15 @@ def count_solutions(puzzle: str, limit: int = 2) -> int:
     cells = _cells(puzzle)
     if cells is None:
         return 0
-    found: list[str] = []
+    count = 0
 
     def record(solved: list[int]) -> bool:
-        found.append("")
-        return len(found) >= limit
+        nonlocal count
+        count += 1
+        return count >= limit
 
     _search(cells, record)
-    return len(found)
+    return count
 
 
 def solve(puzzle: str) -> str | None:

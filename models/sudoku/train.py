@@ -116,6 +116,12 @@ def learning_rate(base: float, step: int, progress: float, warmup: int = 200) ->
     return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def training_record(init: str | None) -> dict | None:
+    """The training.json of the checkpoint a run continues from (None for a fresh start), kept in the new
+    record as `continued_from` so the whole chain of runs stays reproducible."""
+    return json.loads((Path(init) / "training.json").read_text()) if init else None
+
+
 def corrupt(x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Uniform-noise forward process: each position becomes a uniformly random token with probability t."""
     t = torch.rand((x0.shape[0], 1), generator=gen)
@@ -198,10 +204,8 @@ def main() -> None:
     data = Data(args.seed, args.pool, args.min_givens, args.max_givens)
     if args.init:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init)
-        previous = json.loads((Path(args.init) / "training.json").read_text())
     else:
         model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**model_config(args.layers, args.hidden)))
-        previous = None
     model.train()
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -212,7 +216,7 @@ def main() -> None:
         **vars(args),
         "parameters": params,
         "objective": "uniform-noise x0 prediction + self-conditioning",
-        "continued_from": previous,
+        "continued_from": training_record(args.init),
     }
     step, ema = 0, None
     print(f"parameters {params:,}", flush=True)
