@@ -26,6 +26,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION = "press_rowwise_sdpa"
 
+# Tokens per expert GEMM. Past the small-M kernels on CPU and GPU alike; on CPU, 64 measured ~2 ms faster
+# than 16 per batch-8 pass of tiny-random (fewer GEMM calls and concatenations) and no slower at batch 1.
+EXPERT_BLOCK = 64
+
 
 @dataclass(frozen=True)
 class RowPrefix:

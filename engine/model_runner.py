@@ -57,7 +57,7 @@ class ModelRunner:
         self._prefix: tuple[BatchedPrefix, dict] | None = None
         self.batch_invariant = batch_invariant
         if batch_invariant:
-            batch_invariance.install(self.model, expert_block=64 if self.device.type == "cuda" else 16)
+            batch_invariance.install(self.model, expert_block=batch_invariance.EXPERT_BLOCK)
 
     # ------------------------------------------------------------------ encoder
 

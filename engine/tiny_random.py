@@ -15,7 +15,7 @@ import torch
 
 TINY_RANDOM = "tiny-random"
 # Bump when the architecture or seed below changes, so stale caches are not reused.
-_VERSION = "v1"
+_VERSION = "v2"  # v2: full-attention head_dim 64 instead of the config default 512
 _ASSETS = Path(__file__).parent / "assets" / "tiny_tokenizer"
 
 # Token ids of the shipped tokenizer's special tokens.
@@ -34,6 +34,9 @@ def tiny_config_kwargs(canvas_length: int = 32, vocab_size: int = 1024, num_laye
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
         "head_dim": 32,
+        # transformers defaults the full-attention layers to head_dim 512; at this size that one layer would
+        # cost more per token than the three others together. Twice the sliding head_dim, as in the 26B model.
+        "global_head_dim": 64,
         "max_position_embeddings": 4096,
         "sliding_window": 64,
         "layer_types": layer_types,

@@ -62,7 +62,7 @@ CASES = [
     Case("hot-schedule", canvas=16, prompt_len=5, max_tokens=16, seed=14, t_min=0.9, t_max=1.5, steps=16),
     Case("cold-schedule", canvas=16, prompt_len=5, max_tokens=32, seed=15, t_min=0.05, t_max=0.1, steps=16),
     # Sharp logits and a generous confidence threshold let the stable-and-confident rule stop canvases early.
-    Case("early-stop", canvas=16, prompt_len=10, max_tokens=48, seed=8, t_min=0.2, t_max=0.3, entropy_bound=1.0,
+    Case("early-stop", canvas=16, prompt_len=10, max_tokens=48, seed=7, t_min=0.2, t_max=0.3, entropy_bound=1.0,
          confidence=0.5, sharpen=32, early_stop=True),
     Case("early-stop-cold", canvas=16, prompt_len=10, max_tokens=48, seed=1, t_min=0.01, t_max=0.02, sharpen=32,
          early_stop=True),
