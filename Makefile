@@ -42,4 +42,5 @@ test-compat:
 	$(COMPAT_VENV)/bin/pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
 	$(COMPAT_VENV)/bin/pip install -q --disable-pip-version-check 'transformers==5.17.0' \
 		pytest pyyaml prometheus-client
-	$(COMPAT_VENV)/bin/python -m pytest tests/test_equivalence.py tests/test_denoise.py tests/test_detokenizer.py
+	$(COMPAT_VENV)/bin/python -m pytest tests/test_equivalence.py tests/test_batching.py tests/test_denoise.py \
+		tests/test_detokenizer.py

@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--denoising-steps", type=int, default=None)
     ap.add_argument("--compare-serial", action="store_true", help="also run the same requests one at a time")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each kind, alternated; the fastest is reported")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     proc = None
@@ -161,15 +162,17 @@ def main() -> None:
     try:
         model = httpx.get(args.url + "/v1/models").json()["data"][0]["id"]
         asyncio.run(run(args.url, model, args.clients, min(args.clients, args.requests), args))  # warm-up
-        rows = []
+        kinds = [(f"{args.clients} concurrent clients", args.clients)]
         if args.compare_serial:
-            rows.append(summarize("serial (1 client)", *asyncio.run(run(args.url, model, 1, args.requests, args))))
-        rows.append(
-            summarize(
-                f"{args.clients} concurrent clients",
-                *asyncio.run(run(args.url, model, args.clients, args.requests, args)),
-            )
-        )
+            kinds.insert(0, ("serial (1 client)", 1))
+        # Serial and concurrent runs alternate, so a noisy neighbour on a shared machine hits both alike.
+        best: dict[str, dict] = {}
+        for _ in range(args.repeats):
+            for label, clients in kinds:
+                row = summarize(label, *asyncio.run(run(args.url, model, clients, args.requests, args)))
+                if label not in best or row["wall_s"] < best[label]["wall_s"]:
+                    best[label] = row
+        rows = [best[label] for label, _ in kinds]
     finally:
         if proc:
             proc.terminate()
@@ -177,7 +180,7 @@ def main() -> None:
     head = (
         f"Serving, model {model}, {args.requests} streaming chat requests, max_tokens {args.max_tokens}, "
         f"denoising_steps {args.denoising_steps or 'model default'} — client on {platform.machine()}, "
-        f"{os.cpu_count()} CPUs"
+        f"{os.cpu_count()} CPUs, best of {args.repeats}"
     )
     if args.no_batch_invariant:
         head += ", server on stock kernels (batch invariance off)"

@@ -4,8 +4,9 @@ Batching the decoder saves weight reads, but two parts of a batched forward woul
 row differently than the row alone:
 
 - Attention over left-padded prefixes: a mask changes SDPA's reduction order. Attention has no shared
-  weights to save, so the batched pass hands it a `RowPrefix` (each row's padding) instead of a mask and
-  it runs row by row on exactly the keys the row would see alone, through the same SDPA call.
+  weights to save, so a batched pass (a decoder pass, or an encoder pass committing several canvases)
+  hands it a `RowPrefix` (each row's padding, and each row's own mask where it has one) instead of a
+  padded mask, and it runs row by row on exactly the keys and mask the row would see alone.
 - MoE experts: each expert multiplies the tokens routed to it, and a GEMM's per-row result depends on
   how many rows it gets (small-M kernels reduce in another order). The experts here run on blocks of a
   fixed number of tokens (zero-padded), so every token always meets the same GEMM shape.
@@ -33,9 +34,11 @@ EXPERT_BLOCK = 64
 
 @dataclass(frozen=True)
 class RowPrefix:
-    """Left padding of each row's cached prefix in a gathered batch (keys before it are filler)."""
+    """Left padding of each row's cached prefix in a gathered batch (keys before it are filler), and the
+    mask each row would get alone (None: none, as for the decoder's bidirectional canvas)."""
 
     pads: tuple[int, ...]
+    masks: tuple[torch.Tensor | None, ...] | None = None
 
 
 def rowwise_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -44,7 +47,8 @@ def rowwise_sdpa(module, query, key, value, attention_mask, **kwargs):
     outputs = []
     for b, pad in enumerate(attention_mask.pads):
         row_key, row_value = key[b : b + 1, :, pad:].contiguous(), value[b : b + 1, :, pad:].contiguous()
-        out, _ = sdpa_attention_forward(module, query[b : b + 1].contiguous(), row_key, row_value, None, **kwargs)
+        row_mask = attention_mask.masks[b] if attention_mask.masks else None
+        out, _ = sdpa_attention_forward(module, query[b : b + 1].contiguous(), row_key, row_value, row_mask, **kwargs)
         outputs.append(out)
     return torch.cat(outputs, dim=0), None
 
@@ -82,16 +86,16 @@ def blocked_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 def install(model, expert_block: int) -> None:
-    """Route decoder attention through `rowwise_sdpa` (the encoder keeps plain SDPA) and give the experts
-    fixed-shape GEMMs. Does nothing for an attention kernel other than SDPA chosen explicitly."""
-    layers = model.model.decoder.layers
-    if layers and layers[0].self_attn.config._attn_implementation in ("sdpa", ATTENTION):
-        config = copy.copy(layers[0].self_attn.config)
-        config._attn_implementation = ATTENTION
-        for layer in layers:
-            layer.self_attn.config = config
-    # Encoder and decoder share the expert weights; only the decoder's passes are batched, but the
-    # encoder runs one request at a time anyway, so patching every expert module is harmless.
+    """Route decoder and encoder attention through `rowwise_sdpa` (plain SDPA for anything but a
+    `RowPrefix`, so single-row passes are untouched) and give the experts fixed-shape GEMMs. Leaves the
+    attention alone when a kernel other than SDPA was chosen explicitly."""
+    for layers in (model.model.decoder.layers, model.model.encoder.language_model.layers):
+        if layers and layers[0].self_attn.config._attn_implementation in ("sdpa", ATTENTION):
+            config = copy.copy(layers[0].self_attn.config)
+            config._attn_implementation = ATTENTION
+            for layer in layers:
+                layer.self_attn.config = config
+    # Encoder and decoder share the expert weights; patch every expert module.
     for module in model.modules():
         if type(module).__name__ == "DiffusionGemmaTextExperts":
             module.press_expert_block = expert_block

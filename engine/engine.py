@@ -169,10 +169,17 @@ class LLMEngine:
             # Rows are independent, but they sample on the engine thread: a thread pool made every later
             # forward ~4x slower on CPU (each calling thread brings its own OpenMP team to fight over the cores).
             outcomes = [self._sample_row(state, logits[i]) for i, state in enumerate(rows)]
+            # Rows keep self-conditioning in the model's dtype (a copy under bf16): let the fp32 batch go before
+            # the commit pass runs.
+            del logits
+            to_commit: list[tuple[DenoiseState, list[int]]] = []
             for state, outcome in zip(rows, outcomes, strict=True):
                 if state.total_passes == 0:
                     self.metrics.first_pass(state)
-                self._after_pass(state, outcome, lambda s, e: events.append((s, e)))
+                if self._after_pass(state, outcome, lambda s, e: events.append((s, e))):
+                    to_commit.append((state, outcome.argmax_ids))
+            if to_commit:
+                self._commit_canvases(to_commit)
             self.metrics.batched_pass(len(rows), self.canvas_length, time.perf_counter() - start)
         finally:  # even when a row fails, the events already produced reach their clients
             for state, event in events:
@@ -210,8 +217,9 @@ class LLMEngine:
             confident=denoise.is_confident(entropy, params.confidence_threshold),
         )
 
-    def _after_pass(self, state: DenoiseState, outcome: PassOutcome, emit: Callable) -> None:
-        """Count the pass, report it, and commit the canvas when it is done (sequential, in row order)."""
+    def _after_pass(self, state: DenoiseState, outcome: PassOutcome, emit: Callable) -> bool:
+        """Count the pass, report it, and settle the canvas when it is done (in row order). True when the
+        request goes on to another canvas, so the finished one must be encoded first."""
         params = state.params
         state.pass_index += 1
         state.total_passes += 1
@@ -228,7 +236,8 @@ class LLMEngine:
             ),
         )
         if (outcome.stable and outcome.confident) or state.pass_index >= params.denoising_steps:
-            self._commit_canvas(state, outcome.argmax_ids, emit)
+            return self._commit_canvas(state, outcome.argmax_ids, emit)
+        return False
 
     def _draft_text(self, ids: list[int], params: SamplingParams) -> str:
         eos = set(params.eos_token_ids)
@@ -237,8 +246,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------ post-process
 
-    def _commit_canvas(self, state: DenoiseState, canvas_ids: list[int], emit: Callable) -> None:
-        """Commit the argmax canvas: cut at EOS, stop strings and max_tokens; then finish or encode it."""
+    def _commit_canvas(self, state: DenoiseState, canvas_ids: list[int], emit: Callable) -> bool:
+        """Commit the argmax canvas: cut at EOS, stop strings and max_tokens. Finishes the request, or
+        returns True when it continues (its canvas is then encoded with the pass's other finished ones)."""
         params = state.params
         eos = set(params.eos_token_ids)
         eos_at = next((i for i, t in enumerate(canvas_ids) if t in eos), None)
@@ -270,9 +280,14 @@ class LLMEngine:
             finish = "length"
         if finish is not None:
             self._finish(state, finish, emit)
-            return
-        self.runner.commit(state, torch.tensor(canvas_ids, device=self.loaded.device))
-        self._start_canvas(state)
+            return False
+        return True
+
+    def _commit_canvases(self, finished: list[tuple[DenoiseState, list[int]]]) -> None:
+        """One batched encoder pass over the canvases finished in this pass, then a fresh canvas for each."""
+        self.runner.commit([(s, torch.tensor(ids, device=self.loaded.device)) for s, ids in finished])
+        for state, _ in finished:
+            self._start_canvas(state)
 
     def _finish(self, state: DenoiseState, reason: str, emit: Callable, error: str | None = None) -> None:
         self.scheduler.finish(state)

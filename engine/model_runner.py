@@ -5,6 +5,9 @@ commit. The decoder (bidirectional over the canvas) only reads caches, so a pass
 gathers their caches into one left-padded, read-only prefix with a mask that hides the padding; every
 row keeps its own positions. The gathered prefix is reused across passes until the set of rows or a
 cache changes (a canvas commit), which happens once per canvas rather than once per pass.
+
+Canvases that finish in the same pass are committed by one batched encoder pass over the same kind of
+gathered prefix; each row's new keys and values then go into its own cache.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaDecoderModel
 
@@ -45,6 +49,23 @@ class BatchedPrefix:
         self.layers = layers
 
 
+class _CommitBatch:
+    """Cache stand-in for one batched commit: each encoder layer gets the rows' left-padded prefixes with
+    the new canvas keys appended, as a row's own cache would return them, and the new keys are kept so
+    each row's cache can take its share afterwards."""
+
+    is_compileable = False
+
+    def __init__(self, prefix: BatchedPrefix) -> None:
+        self.prefix = prefix
+        self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.new[layer_idx] = (keys, values)
+        old = self.prefix.layers[layer_idx]
+        return torch.cat([old.keys, keys], dim=-2), torch.cat([old.values, values], dim=-2)
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, batch_invariant: bool = True) -> None:
         self.loaded = loaded
@@ -61,22 +82,29 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ encoder
 
-    def _encode(self, state: DenoiseState, ids: list[int] | torch.Tensor) -> None:
-        """Run the causal encoder over `ids`, appending their keys and values to the request's cache."""
-        input_ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
-        start, n = state.cached_len, input_ids.shape[1]
+    def _encoder_masks(self, state: DenoiseState, n: int) -> tuple[torch.Tensor, dict]:
+        """Positions and per-layer-type masks for encoding `n` more tokens of this request alone."""
+        start = state.cached_len
         positions = torch.arange(start, start + n, dtype=torch.int32, device=self.device)[None]
         attention_mask = torch.ones((1, start + n), dtype=torch.bool, device=self.device)
-        encoder = self.model.model.encoder
-        mask_mapping = encoder.create_masks_for_generate(
+        masks = self.model.model.encoder.create_masks_for_generate(
             config=self.model.config,
             inputs_embeds=torch.empty((1, n, 0), dtype=self.model.dtype, device=self.device),
             attention_mask=attention_mask,
             position_ids=positions,
             **{CACHE_KW: state.cache},
         )
-        encoder(input_ids=input_ids, attention_mask=mask_mapping, position_ids=positions, **{CACHE_KW: state.cache})
-        state.cached_len = start + n
+        return positions, masks
+
+    def _encode(self, state: DenoiseState, ids: list[int] | torch.Tensor) -> None:
+        """Run the causal encoder over `ids`, appending their keys and values to the request's cache."""
+        input_ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        n = input_ids.shape[1]
+        positions, masks = self._encoder_masks(state, n)
+        self.model.model.encoder(
+            input_ids=input_ids, attention_mask=masks, position_ids=positions, **{CACHE_KW: state.cache}
+        )
+        state.cached_len += n
 
     @torch.inference_mode()
     def prefill(self, state: DenoiseState, max_tokens: int) -> int:
@@ -90,9 +118,42 @@ class ModelRunner:
         return len(chunk)
 
     @torch.inference_mode()
-    def commit(self, state: DenoiseState, canvas: torch.Tensor) -> None:
-        """Encode a finished canvas so the next canvas attends to it."""
-        self._encode(state, canvas)
+    def commit(self, rows: list[tuple[DenoiseState, torch.Tensor]]) -> None:
+        """Encode finished canvases so each request's next canvas attends to its own: one encoder pass
+        for all of them, each row under exactly the mask it would get alone."""
+        self.release_prefix()  # every row's cache grows: the decoder's gathered copy is stale, free it first
+        if len(rows) == 1:
+            self._encode(*rows[0])
+            return
+        states = [s for s, _ in rows]
+        alone = [self._encoder_masks(s, self.canvas_length) for s in states]
+        if any(m is None for _, masks in alone for m in masks.values()):
+            # No materialised mask to carry into the batch (never seen for a commit): one row at a time.
+            for state, canvas in rows:
+                self._encode(state, canvas)
+            return
+        layers, pads = self._pad_caches(states)
+        masks: dict[str, RowPrefix | torch.Tensor] = {}
+        for layer_type, row_pads in pads.items():
+            row_masks = [m[layer_type] for _, m in alone]
+            if self.batch_invariant:
+                masks[layer_type] = RowPrefix(tuple(row_pads), tuple(row_masks))
+            else:  # one SDPA call: each row's own mask, left-padded with invisible keys
+                masks[layer_type] = torch.cat(
+                    [nn.functional.pad(m, (pad, 0), value=False) for m, pad in zip(row_masks, row_pads, strict=True)]
+                )
+        cache = _CommitBatch(BatchedPrefix(layers))
+        self.model.model.encoder(
+            input_ids=torch.stack([c for _, c in rows]),
+            attention_mask=masks,
+            position_ids=torch.cat([positions for positions, _ in alone]),
+            **{CACHE_KW: cache},
+        )
+        for b, state in enumerate(states):
+            for idx in range(len(self.layer_types)):
+                keys, values = cache.new[idx]
+                state.cache.update(keys[b : b + 1], values[b : b + 1], idx)
+            state.cached_len += self.canvas_length
 
     # ------------------------------------------------------------------ decoder
 
@@ -107,14 +168,25 @@ class ModelRunner:
         )
 
     def _gathered_prefix(self, rows: list[DenoiseState]) -> tuple[BatchedPrefix, dict]:
-        """Left-pad the rows' caches to common lengths (per layer); attention skips each row's padding."""
+        """The rows' caches left-padded for the decoder, with what hides each row's padding; cached."""
         key = tuple((s.request_id, s.cached_len) for s in rows)
         if key == self._prefix_key and self._prefix is not None:
             return self._prefix
         self._prefix = None  # free the previous gathered copy before building the next
+        layers, pads = self._pad_caches(rows)
+        masks = {
+            layer_type: self._prefix_mask(row_pads, layers[self.layer_types.index(layer_type)].keys.shape[-2])
+            for layer_type, row_pads in pads.items()
+        }
+        self._prefix_key, self._prefix = key, (BatchedPrefix(layers), masks)
+        return self._prefix
+
+    def _pad_caches(self, rows: list[DenoiseState]) -> tuple[list[_PrefixLayer], dict[str, list[int]]]:
+        """Left-pad the rows' caches to a common length per layer; returns the layers and, per layer type,
+        each row's padding (sliding-window layers hold fewer keys than full-attention ones)."""
         batch = len(rows)
         layers = []
-        masks: dict[str, RowPrefix | torch.Tensor | None] = {}
+        pads: dict[str, list[int]] = {}
         for idx, layer_type in enumerate(self.layer_types):
             parts = [s.cache.layers[idx] for s in rows]
             lengths = [p.keys.shape[-2] for p in parts]
@@ -126,10 +198,8 @@ class ModelRunner:
                 keys[b, :, longest - n :] = p.keys[0]
                 values[b, :, longest - n :] = p.values[0]
             layers.append(_PrefixLayer(keys, values))
-            if layer_type not in masks:
-                masks[layer_type] = self._prefix_mask([longest - n for n in lengths], longest)
-        self._prefix_key, self._prefix = key, (BatchedPrefix(layers), masks)
-        return self._prefix
+            pads.setdefault(layer_type, [longest - n for n in lengths])
+        return layers, pads
 
     def _prefix_mask(self, pads: list[int], prefix_len: int) -> RowPrefix | torch.Tensor | None:
         """What hides each row's left padding from its canvas: nothing when no row is padded (one batched

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from copy import deepcopy
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.events import FinishEvent, PassEvent
-from engine.request import RequestStatus
+from engine.request import DenoiseState, RequestStatus
 from engine.sampling_params import SamplingParams
 from tests.helpers import run_to_end
 
@@ -72,18 +73,62 @@ def test_batch_invariance_with_staggered_arrivals(batch_engine):
     assert [answers[s.request_id] for s in states] == alone
 
 
-def test_one_forward_serves_every_running_row(batch_engine, monkeypatch):
-    batch_sizes = []
-    original = batch_engine.runner.denoise_logits
+def record_batch_sizes(runner, method: str, monkeypatch) -> list[int]:
+    """Wrap runner.<method>(rows) so each call's number of rows is recorded in the returned list."""
+    sizes: list[int] = []
+    original = getattr(runner, method)
 
     def spy(rows):
-        batch_sizes.append(len(rows))
+        sizes.append(len(rows))
         return original(rows)
 
-    monkeypatch.setattr(batch_engine.runner, "denoise_logits", spy)
+    monkeypatch.setattr(runner, method, spy)
+    return sizes
+
+
+def test_one_forward_serves_every_running_row(batch_engine, monkeypatch):
+    batch_sizes = record_batch_sizes(batch_engine.runner, "denoise_logits", monkeypatch)
     params = SamplingParams(max_tokens=32, denoising_steps=5, seed=1, include_drafts=False)
     run_to_end(batch_engine, [([10, 11, 12], params)] * 8)
     assert batch_sizes == [8] * 5  # five passes, each one forward over all eight canvases
+
+
+def test_canvases_finishing_together_are_committed_in_one_encoder_pass(batch_engine, monkeypatch):
+    commits = record_batch_sizes(batch_engine.runner, "commit", monkeypatch)
+    params = SamplingParams(max_tokens=96, denoising_steps=3, seed=1, eos_token_ids=[], include_drafts=False)
+    # Prompts within one prefill chunk (128) start together; their caches cross the sliding window (64).
+    results = run_to_end(batch_engine, [(list(range(10, 10 + n)), params) for n in (3, 40, 9, 20, 50)])
+    assert commits == [5, 5]  # three canvases each: two commits, the last canvas ends the request
+    assert all(len(r["answer_ids"]) == 96 for r in results)
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True], ids=["stock-kernels", "batch-invariant-kernels"])
+def test_batched_commit_writes_each_rows_cache_as_alone(tiny_path, batch_invariant):
+    """Rows with different cache lengths (some past the sliding window) commit in one encoder pass; each
+    row's cache afterwards equals committing that row alone (bitwise under batch invariance)."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=4, batch_invariant=batch_invariant))
+    params = SamplingParams(max_tokens=64, denoising_steps=4, seed=3, include_drafts=False)
+    for n in (3, 40, 130, 9):
+        engine.add_request(engine.make_request(list(range(10, 10 + n)), params))
+    engine.step(lambda *_: None)  # prefill all four
+    rows = list(engine.scheduler.running)
+    gen = torch.Generator().manual_seed(0)
+    canvases = [torch.randint(10, 1000, (engine.canvas_length,), generator=gen) for _ in rows]
+    alone = []
+    for state, canvas in zip(rows, canvases, strict=True):
+        copy = DenoiseState(prompt_ids=state.prompt_ids, params=params, text=state.text)
+        copy.cache, copy.cached_len = deepcopy(state.cache), state.cached_len
+        engine.runner.commit([(copy, canvas)])
+        alone.append(copy)
+    engine.runner.commit(list(zip(rows, canvases, strict=True)))
+    for state, single in zip(rows, alone, strict=True):
+        assert state.cached_len == single.cached_len
+        for together_layer, alone_layer in zip(state.cache.layers, single.cache.layers, strict=True):
+            for a, b in ((together_layer.keys, alone_layer.keys), (together_layer.values, alone_layer.values)):
+                if batch_invariant:
+                    assert torch.equal(a, b)
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("batch_invariant", [False, True], ids=["stock-kernels", "batch-invariant-kernels"])
