@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
+from engine.host_allocator import tune_host_allocator  # noqa: E402
 from engine.loader import wrap_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -185,6 +186,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size; the best is reported")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+    # As `press serve` does, and before anything runs: transformers and Press then time under the same
+    # allocator settings, whichever goes first.
+    tune_host_allocator()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, prompt_len, canvas = build(args.size, dev)
     batches = [int(b) for b in args.batches.split(",")]

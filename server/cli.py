@@ -10,6 +10,7 @@ import sys
 import time
 
 from engine.config import EngineConfig
+from engine.host_allocator import tune_host_allocator
 from server.config import load_settings
 
 
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     request_log.addHandler(handler)
     request_log.setLevel(logging.INFO)
     request_log.propagate = False
+    tune_host_allocator()  # before the model loads: steady CPU pass times (engine/host_allocator.py)
     if args.command == "serve":
         serve(args)
     else:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from engine.host_allocator import tune_host_allocator
 from server.cli import engine_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +49,8 @@ def test_config_precedence_flag_over_env_over_yaml(tmp_path, monkeypatch):
     from engine.loader import default_model
 
     assert engine_config(_ns()).model == default_model()  # tiny-sudoku where it ships, else tiny-random
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")
+def test_host_allocator_thresholds_are_accepted_by_glibc():
+    assert tune_host_allocator()
