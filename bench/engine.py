@@ -1,8 +1,9 @@
 """Time one denoising pass at batch 1, 2, 4, 8: Press's engine against transformers' generate().
 
 Both run on the same weights in the same process. transformers runs first, on the stock model; then the
-engine takes the model (installing its batch-invariant kernels unless --no-batch-invariant). Random
-weights never get confident, so every canvas runs all its passes and pass time = canvas time / passes.
+engine with stock kernels; then the engine with its batch-invariant kernels (installed into the model), each
+with its batch-invariance rate (--kernels picks one mode). Random weights never get confident, so every
+canvas runs all its passes and pass time = canvas time / passes.
 
     python bench/engine.py --size tiny            # CPU, the built-in tiny-random model
     python bench/engine.py --size full            # GPU: full-size random DiffusionGemma-26B-A4B (bf16)
@@ -177,12 +178,20 @@ def invariance_rate(engine: LLMEngine, batch: int, prompt_len: int, canvas: int,
     }
 
 
+KERNELS = {"stock": False, "batch-invariant": True}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--steps", type=int, default=48, help="passes per canvas")
-    ap.add_argument("--no-batch-invariant", action="store_true")
+    ap.add_argument(
+        "--kernels",
+        choices=["both", *KERNELS],
+        default="both",
+        help="Press's kernel modes to time: stock (transformers' experts and SDPA as shipped) and/or batch-invariant",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size; the best is reported")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -192,50 +201,28 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, prompt_len, canvas = build(args.size, dev)
     batches = [int(b) for b in args.batches.split(",")]
+    modes = list(KERNELS) if args.kernels == "both" else [args.kernels]
     hf = {b: time_hf(model, b, prompt_len, canvas, args.steps, dev, args.repeats) for b in batches}
-    engine = LLMEngine(
-        EngineConfig(max_num_seqs=max(batches), batch_invariant=not args.no_batch_invariant),
-        loaded=wrap_model(model, tokenizer),
-    )
-    rows = []
-    for b in batches:
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        ours = time_engine(engine, b, prompt_len, canvas, args.steps, dev, args.repeats)
-        rows.append(
-            {
-                "batch": b,
-                "hf_pass_ms": hf[b] / args.steps * 1e3,
-                "press_pass_ms": ours / args.steps * 1e3,
-                "hf_canvas_tokens_per_s": b * canvas / hf[b],
-                "press_canvas_tokens_per_s": b * canvas / ours,
-                "peak_memory_gb": peak_gb(dev),
-            }
-        )
-    invariance = invariance_rate(engine, max(batches), prompt_len, canvas, args.steps)
-    base = rows[0]["press_pass_ms"]
-    lines = [
-        f"Engine pass time, {args.size} model, prompt {prompt_len}, canvas {canvas}, {args.steps} passes per canvas, "
-        f"batch-invariant {'off' if args.no_batch_invariant else 'on'}, best of {args.repeats} — {device_name(dev)}, "
-        f"torch {torch.__version__}",
-        "",
-        "| batch | transformers pass ms | Press pass ms | Press / transformers | Press pass vs batch 1 "
-        "| transformers canvas tok/s | Press canvas tok/s | peak memory GB |",
-        "|---|---|---|---|---|---|---|---|",
+    rows = [
+        {"batch": b, "hf_pass_ms": hf[b] / args.steps * 1e3, "hf_canvas_tokens_per_s": b * canvas / hf[b]}
+        for b in batches
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['batch']} | {r['hf_pass_ms']:.1f} | {r['press_pass_ms']:.1f} | "
-            f"{r['press_pass_ms'] / r['hf_pass_ms']:.2f} | {r['press_pass_ms'] / base:.2f}x | "
-            f"{r['hf_canvas_tokens_per_s']:.0f} | {r['press_canvas_tokens_per_s']:.0f} | {r['peak_memory_gb']:.2f} |"
+    invariance = {}
+    # Stock first: the batch-invariant engine patches the model's experts and attention in place.
+    for mode in modes:
+        engine = LLMEngine(
+            EngineConfig(max_num_seqs=max(batches), batch_invariant=KERNELS[mode]), loaded=wrap_model(model, tokenizer)
         )
-    lines += [
-        "",
-        f"Batch invariance ({invariance['requests']} seeded requests alone vs together): "
-        f"{invariance['identical_requests']:.0%} of requests and {invariance['identical_tokens']:.2%} of tokens "
-        "identical.",
-    ]
-    table = "\n".join(lines)
+        for row in rows:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            seconds = time_engine(engine, row["batch"], prompt_len, canvas, args.steps, dev, args.repeats)
+            row[f"{mode}_pass_ms"] = seconds / args.steps * 1e3
+            row[f"{mode}_canvas_tokens_per_s"] = row["batch"] * canvas / seconds
+            row[f"{mode}_peak_memory_gb"] = peak_gb(dev)
+        invariance[mode] = invariance_rate(engine, max(batches), prompt_len, canvas, args.steps)
+        del engine
+    table = render(args, dev, prompt_len, canvas, modes, rows, invariance)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,19 +231,54 @@ def main() -> None:
         json.dumps(
             {
                 "device": device_name(dev),
+                "torch": torch.__version__,
                 "size": args.size,
                 "steps": args.steps,
                 "repeats": args.repeats,
                 "prompt_len": prompt_len,
                 "canvas": canvas,
                 "rows": rows,
-                "batch_invariant": not args.no_batch_invariant,
                 "invariance": invariance,
             },
             indent=1,
         )
     )
     (out / f"{tag}.md").write_text(table + "\n")
+
+
+def render(args, dev, prompt_len: int, canvas: int, modes: list[str], rows: list[dict], invariance: dict) -> str:
+    """One markdown table: transformers, then per Press kernel mode its pass time, ratio to transformers,
+    ratio to its own batch 1, canvas tokens/s and peak memory; then each mode's batch-invariance rate."""
+    head = ["batch", "transformers pass ms", "transformers canvas tok/s"]
+    for mode in modes:
+        head += [f"Press {mode} pass ms", "vs transformers", "vs batch 1", "canvas tok/s", "peak GB"]
+    lines = [
+        f"Engine pass time, {args.size} model, prompt {prompt_len}, canvas {canvas}, {args.steps} passes per canvas, "
+        f"best of {args.repeats} — {device_name(dev)}, torch {torch.__version__}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        cells = [str(r["batch"]), f"{r['hf_pass_ms']:.1f}", f"{r['hf_canvas_tokens_per_s']:.0f}"]
+        for mode in modes:
+            ms = r[f"{mode}_pass_ms"]
+            cells += [
+                f"{ms:.1f}",
+                f"{ms / r['hf_pass_ms']:.2f}",
+                f"{ms / rows[0][f'{mode}_pass_ms']:.2f}x",
+                f"{r[f'{mode}_canvas_tokens_per_s']:.0f}",
+                f"{r[f'{mode}_peak_memory_gb']:.2f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for mode in modes:
+        inv = invariance[mode]
+        lines.append(
+            f"Batch invariance, {mode} kernels ({inv['requests']} seeded requests alone vs together): "
+            f"{inv['identical_requests']:.0%} of requests and {inv['identical_tokens']:.2%} of tokens identical."
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
