@@ -56,8 +56,9 @@ def rowwise_sdpa(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(ATTENTION, rowwise_sdpa)
 
 
-def _blocked_linear(x: torch.Tensor, weight: torch.Tensor, block: int) -> torch.Tensor:
-    """x @ weight.T computed on zero-padded blocks of exactly `block` rows."""
+def _blocked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T computed on zero-padded blocks of exactly EXPERT_BLOCK rows."""
+    block = EXPERT_BLOCK
     n = x.shape[0]
     padded = -(-n // block) * block
     if padded != n:
@@ -68,7 +69,6 @@ def _blocked_linear(x: torch.Tensor, weight: torch.Tensor, block: int) -> torch.
 
 def blocked_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """transformers' DiffusionGemma expert loop with fixed-shape GEMMs (same math, same expert order)."""
-    block = self.press_expert_block
     final = torch.zeros_like(hidden_states)
     with torch.no_grad():
         expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -78,14 +78,14 @@ def blocked_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         if expert_idx == self.num_experts:
             continue
         top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-        gate, up = _blocked_linear(hidden_states[token_idx], self.gate_up_proj[expert_idx], block).chunk(2, dim=-1)
-        out = _blocked_linear(self.act_fn(gate) * up, self.down_proj[expert_idx], block)
+        gate, up = _blocked_linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+        out = _blocked_linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
         out = out * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
     return final
 
 
-def install(model, expert_block: int) -> None:
+def install(model) -> None:
     """Route decoder and encoder attention through `rowwise_sdpa` (plain SDPA for anything but a
     `RowPrefix`, so single-row passes are untouched) and give the experts fixed-shape GEMMs. Leaves the
     attention alone when a kernel other than SDPA was chosen explicitly."""
@@ -98,5 +98,4 @@ def install(model, expert_block: int) -> None:
     # Encoder and decoder share the expert weights; patch every expert module.
     for module in model.modules():
         if type(module).__name__ == "DiffusionGemmaTextExperts":
-            module.press_expert_block = expert_block
             module.forward = types.MethodType(blocked_experts_forward, module)

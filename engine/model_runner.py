@@ -78,7 +78,7 @@ class ModelRunner:
         self._prefix: tuple[BatchedPrefix, dict] | None = None
         self.batch_invariant = batch_invariant
         if batch_invariant:
-            batch_invariance.install(self.model, expert_block=batch_invariance.EXPERT_BLOCK)
+            batch_invariance.install(self.model)
 
     # ------------------------------------------------------------------ encoder
 

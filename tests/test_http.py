@@ -166,9 +166,10 @@ def test_n_choices_and_prompt_lists(client):
     assert r.usage.prompt_tokens == 3
 
 
-def _stop_around_boundary(client, kwargs: dict) -> tuple[str, str, int] | None:
-    """(full text, a clean stop string spanning the canvas boundary, boundary offset) for these kwargs,
-    or None when the random model's answer has no such string (one canvas, or bytes cut mid-character)."""
+def _stop_around_boundary(client, kwargs: dict) -> tuple[str, int, str, int] | None:
+    """(full text, its completion tokens, a clean stop string spanning the canvas boundary, boundary offset)
+    for these kwargs, or None when the random model's answer has no such string (one canvas, or bytes cut
+    mid-character)."""
     full = client.completions.create(**kwargs)
     text = full.choices[0].text
     if full.choices[0].model_extra["diffusion"]["canvases"] != 2:
@@ -180,7 +181,7 @@ def _stop_around_boundary(client, kwargs: dict) -> tuple[str, str, int] | None:
     for left in range(3, 0, -1):
         candidate = text[boundary - left : boundary + 3]
         if "\ufffd" not in candidate and len(candidate) == left + 3 and text.find(candidate) == boundary - left:
-            return text, candidate, boundary
+            return text, full.usage.completion_tokens, candidate, boundary
     return None
 
 
@@ -192,8 +193,7 @@ def test_stop_string_across_canvas_boundary(client, tokenizer):
         if found:
             break
     assert found, "no seed in 21-40 gives a two-canvas answer with a clean stop string at the boundary"
-    text, stop, boundary = found
-    full_tokens = client.completions.create(**kwargs).usage.completion_tokens
+    text, full_tokens, stop, boundary = found
     r = client.completions.create(stop=[stop, "never-there"], **kwargs)
     assert r.choices[0].text == text[: boundary - len(stop) + 3]
     assert r.choices[0].finish_reason == "stop"
