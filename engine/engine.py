@@ -8,6 +8,7 @@ together and a cancelled one is dropped at the next pass boundary.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from engine import denoise
 from engine.config import EngineConfig
 from engine.detokenizer import TextStream
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent
+from engine.grammar import GrammarCompiler, GrammarConstraint
 from engine.loader import LoadedModel, load_model
 from engine.metrics import EngineMetrics
 from engine.model_runner import ModelRunner
@@ -57,6 +59,8 @@ class LLMEngine:
         self.max_model_len = self.loaded.max_model_len
         self.defaults = self.loaded.defaults
         self.metrics = EngineMetrics(config.served_model_name or config.model)
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
 
     # ----------------------------------------------------------------- requests
 
@@ -71,11 +75,29 @@ class LLMEngine:
     def default_max_tokens(self, prompt_len: int) -> int:
         return max(1, min(self.config.default_max_tokens, self.max_model_len - prompt_len))
 
+    def compile_grammar(self, grammar: str):
+        """A grammar matcher (llguidance grammar text, see engine/grammar.py) for `make_request`; raises
+        GrammarError. Safe to call from any thread, and meant to be called off the engine thread: building a
+        complex grammar can take a while, and no row should wait for another row's grammar."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, list(self.defaults.eos_token_ids))
+        return self._grammars.compile(grammar)
+
     def make_request(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        grammar=None,
+        grammar_in_pass: bool = True,
     ) -> DenoiseState:
-        """Validate and build a request; raises SamplingParamsError or ContextLengthError."""
+        """Validate and build a request; raises SamplingParamsError or ContextLengthError. `grammar` is a
+        matcher from `compile_grammar` (owned by this request from now on); `grammar_in_pass` masks every
+        pass, not only the committed canvas."""
         params.validate()
+        if grammar is not None and not params.eos_token_ids:
+            raise SamplingParamsError("ignore_eos", "`ignore_eos` cannot be combined with a grammar, which ends at EOS")
         if not prompt_ids:
             raise SamplingParamsError("prompt", "the prompt must contain at least one token")
         if any(not (0 <= t < self.vocab_size) for t in prompt_ids):
@@ -93,6 +115,8 @@ class LLMEngine:
         else:
             generator.seed()
         state.generator = generator
+        if grammar is not None:
+            state.grammar = GrammarConstraint(grammar, self.vocab_size, self._grammars.eos_token_ids, grammar_in_pass)
         return state
 
     def add_request(self, state: DenoiseState) -> None:
@@ -159,6 +183,8 @@ class LLMEngine:
         state.history = torch.full(
             (state.params.stability_threshold, self.canvas_length), -1, dtype=torch.long, device=self.loaded.device
         )
+        if state.grammar is not None:
+            state.grammar.start_canvas()
 
     def _denoise_pass(self, rows: list[DenoiseState], emit: Callable[[DenoiseState, Event], None]) -> None:
         start = time.perf_counter()
@@ -200,8 +226,16 @@ class LLMEngine:
             processed = logits.div_(
                 denoise.pass_temperature(steps_remaining, params.denoising_steps, params.t_min, params.t_max)
             )
+        walk: list[int] = []
+        if state.grammar is not None and state.grammar.in_pass:
+            # The grammar's walk over this pass: masked logits everywhere it reached, so proposals, entropies
+            # and acceptance all see only what the grammar allows (a forced position has zero entropy).
+            walk = state.grammar.walk(processed, params.max_tokens - len(state.answer_ids))
+            state.grammar.mask_logits(processed, len(walk))
         proposed = denoise.propose_canvas(processed, params.greedy, params.top_p, state.generator)
         argmax_canvas = processed.argmax(dim=-1)
+        if walk:  # the walk is the argmax over the allowed tokens; ties go its way
+            argmax_canvas[: len(walk)] = torch.tensor(walk, device=argmax_canvas.device)
         entropy = denoise.token_entropy(processed)
         accepted = denoise.accept_mask(entropy, params.entropy_bound)
         state.canvas = denoise.renoise(state.canvas, proposed, accepted, self.vocab_size, state.generator)
@@ -236,7 +270,12 @@ class LLMEngine:
             ),
         )
         if (outcome.stable and outcome.confident) or state.pass_index >= params.denoising_steps:
-            return self._commit_canvas(state, outcome.argmax_ids, emit)
+            canvas_ids = outcome.argmax_ids
+            if state.grammar is not None and not state.grammar.in_pass:
+                # Commit-only: the committed canvas is the grammar's walk over the last pass's logits.
+                walk = state.grammar.walk(state.self_conditioning.float(), params.max_tokens - len(state.answer_ids))
+                canvas_ids = walk + canvas_ids[len(walk) :]
+            return self._commit_canvas(state, canvas_ids, emit)
         return False
 
     def _draft_text(self, ids: list[int], params: SamplingParams) -> str:
@@ -296,6 +335,7 @@ class LLMEngine:
         self.metrics.finished(state, reason, len(state.answer_ids))
         state.cache = None  # frees the KV cache now, not when the last reference goes
         state.self_conditioning = None
+        state.grammar = None
         emit(
             state,
             FinishEvent(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.detokenizer import TextStream
+from engine.grammar import GrammarConstraint
 from engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -41,6 +42,7 @@ class DenoiseState:
     argmax_canvas: torch.Tensor | None = None
     self_conditioning: torch.Tensor | None = None  # previous pass's processed logits, (L, V)
     history: torch.Tensor | None = None  # last argmax canvases for the stability rule
+    grammar: GrammarConstraint | None = None  # structured output: the grammar the canvases are read under
     answer_ids: list[int] = field(default_factory=list)  # committed answer tokens (cut at EOS/stop/length)
     denoised_tokens: int = 0  # committed canvas tokens up to EOS, excluding pad, for tokens_per_forward
     total_passes: int = 0

@@ -29,6 +29,7 @@ from server.protocol import (
     ModelList,
 )
 from server.serving import Serving
+from server.structured_outputs import compile_request
 
 log = logging.getLogger("press.server")
 
@@ -149,8 +150,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         serving.check_model(body.model)
         serving.reject_unsupported(body)
         prompt = await asyncio.to_thread(serving.chat_prompt, body)
+        grammar = await asyncio.to_thread(compile_request, serving.engine.engine, body)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        states = serving.make_states(body, [prompt], max_tokens, prompt_param="messages")
+        states = serving.make_states(body, [prompt], max_tokens, prompt_param="messages", grammar=grammar)
         return await serving.respond(body, states, len(prompt), request, chat=True)
 
     @app.post("/v1/completions", response_model=None, dependencies=[Depends(require_key)],
@@ -160,7 +162,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         serving.check_model(body.model)
         serving.reject_unsupported(body)
         prompts = await asyncio.to_thread(serving.completion_prompts, body)
-        states = serving.make_states(body, prompts, body.max_tokens, prompt_param="prompt")
+        grammar = await asyncio.to_thread(compile_request, serving.engine.engine, body)
+        states = serving.make_states(body, prompts, body.max_tokens, prompt_param="prompt", grammar=grammar)
         return await serving.respond(body, states, sum(len(p) for p in prompts), request, chat=False)
 
     return app

@@ -20,6 +20,34 @@ class StreamOptions(BaseModel):
     include_drafts: StrictBool = True
 
 
+class JSONSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`. `schema` is kept as given; the grammar engine judges it."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """Press extension, named as vLLM names it: exactly one of a JSON schema, a regex, a list of choices, a
+    grammar (Lark as llguidance reads it; GBNF is converted), or `json_object: true`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | StrictStr | None = Field(default=None, alias="json")
+    regex: StrictStr | None = None
+    choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
+
+
 class DiffusionParams(BaseModel):
     """Sampling fields shared by both endpoints (OpenAI's plus the diffusion extensions)."""
 
@@ -52,6 +80,9 @@ class DiffusionParams(BaseModel):
     confidence_threshold: Annotated[float, Field(gt=0)] | None = None
     # As in vLLM: keep denoising canvases past EOS until max_tokens (benchmarks, load tests).
     ignore_eos: StrictBool = False
+    # Structured outputs (both endpoints): OpenAI's response_format, or vLLM's structured_outputs.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class TextPart(BaseModel):
@@ -79,7 +110,6 @@ class ChatCompletionRequest(DiffusionParams):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(DiffusionParams):

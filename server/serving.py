@@ -40,8 +40,13 @@ class ChoiceResult:
     finish: FinishEvent | None = None
 
 
+# Unicode line boundaries that JSON leaves raw but line-splitting clients (httpx's iter_lines, str.splitlines)
+# break an SSE event on; escaped, a random-token draft cannot split its own event.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _dump(obj: dict) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKS)
 
 
 class RequestTimeout(Exception):
@@ -85,8 +90,6 @@ class Serving:
                 raise bad_request("'tools' (function calling) is not supported by this server.", param="tools")
             if req.tool_choice not in (None, "none"):
                 raise bad_request("'tool_choice' is not supported by this server.", param="tool_choice")
-            if req.response_format and req.response_format.get("type") not in (None, "text"):
-                raise bad_request("Only response_format type 'text' is supported.", param="response_format")
         if isinstance(req, CompletionRequest):
             if req.echo:
                 raise bad_request("'echo' is not supported by this diffusion server.", param="echo")
@@ -182,8 +185,14 @@ class Serving:
         return out
 
     def make_states(
-        self, req: DiffusionParams, prompts: list[list[int]], max_tokens: int | None, prompt_param: str
+        self,
+        req: DiffusionParams,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        prompt_param: str,
+        grammar=None,
     ) -> list[DenoiseState]:
+        """One engine request per prompt and choice; each gets its own copy of the compiled `grammar`."""
         if len(prompts) * req.n > MAX_CHOICES:
             raise bad_request(f"At most {MAX_CHOICES} choices (prompts x n) per request.", param="n")
         max_queue = self.engine.engine.config.max_queue
@@ -211,7 +220,9 @@ class Serving:
                     # Distinct but reproducible streams per choice.
                     choice_params = params.with_changes(seed=(params.seed + p_idx * req.n + i) % 2**63)
                 try:
-                    state = self.engine.engine.make_request(prompt, choice_params)
+                    state = self.engine.engine.make_request(
+                        prompt, choice_params, grammar=grammar.deep_copy() if grammar is not None else None
+                    )
                     state.bills_prompt = i == 0
                     states.append(state)
                 except ContextLengthError as exc:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from engine.engine import LLMEngine
 from engine.events import CommitEvent, FinishEvent, PassEvent
-from engine.sampling_params import SamplingParams
 
 
-def run_to_end(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> list[dict]:
-    """Run requests together through engine.step() and return, per request, its events by kind."""
+def run_to_end(engine: LLMEngine, requests: list[tuple]) -> list[dict]:
+    """Run requests together through engine.step() and return, per request, its events by kind. A request is
+    (prompt, params), optionally followed by an llguidance grammar and whether it masks every pass."""
     states = []
     results: dict[str, dict] = {}
-    for prompt, params in requests:
-        state = engine.make_request(prompt, params)
+    for prompt, params, *constraint in requests:
+        grammar = engine.compile_grammar(constraint[0]) if constraint and constraint[0] else None
+        in_pass = constraint[1] if len(constraint) > 1 else True
+        state = engine.make_request(prompt, params, grammar=grammar, grammar_in_pass=in_pass)
         results[state.request_id] = {"passes": [], "commits": [], "finish": None}
         states.append(state)
         engine.add_request(state)

@@ -306,3 +306,14 @@ def test_ignore_eos_runs_to_max_tokens(client):
         assert c.model_extra["diffusion"]["canvases"] < by_index[c.index].model_extra["diffusion"]["canvases"] or (
             len(by_index[c.index].text) > len(c.text)
         )
+
+
+def test_sse_payloads_survive_line_splitting_clients():
+    # A random-token draft may decode to U+2028 or NEL, which JSON leaves raw; httpx's iter_lines (and
+    # str.splitlines) would split the event there. The payload must stay one line and decode to the same text.
+    from server.serving import _dump
+
+    text = "a\u2028b\x85c\u2029d\r\ne"
+    payload = _dump({"draft": {"text": text}})
+    assert len(httpx._decoders.LineDecoder().decode(payload + "\n")) == 1
+    assert json.loads(payload)["draft"]["text"] == text
