@@ -50,7 +50,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--pool", type=int, default=20000)
+    ap.add_argument("--pool", type=int, default=600)
+    ap.add_argument("--grow-every", type=int, default=4)
+    ap.add_argument("--no-unique", dest="unique", action="store_false")
+    ap.add_argument("--given-weight", type=float, default=0.25)
     ap.add_argument("--min-givens", type=int, default=22)
     ap.add_argument("--max-givens", type=int, default=60)
     ap.add_argument("--init", default=None, help="continue from this checkpoint")
@@ -58,7 +61,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    data = Data(args.seed, args.pool, args.min_givens, args.max_givens)
+    data = Data(args.seed, args.pool, args.min_givens, args.max_givens, args.unique)
     previous = training_record(args.init)  # read before any save: --out may equal --init
     if args.init:
         model = LlamaForCausalLM.from_pretrained(args.init)
@@ -73,18 +76,24 @@ def main() -> None:
         lr = learning_rate(args.lr, step, progress)
         for group in opt.param_groups:
             group["lr"] = lr
-        prompt, target = data.puzzle_batch(args.batch)
+        prompt, target, weight = data.puzzle_batch(args.batch, args.given_weight)
         answer = target[:, :90]
         seq = torch.cat([prompt, answer], dim=1)
         logits = model(input_ids=seq[:, :-1]).logits
         # Loss on the answer only: position i predicts token i + 1.
         n_prompt = prompt.shape[1]
-        loss = F.cross_entropy(logits[:, n_prompt - 1 :].reshape(-1, VOCAB_SIZE), seq[:, n_prompt:].reshape(-1))
+        # Same per-position weights as the diffusion model: the blanks count, copied givens and layout less.
+        ce = F.cross_entropy(
+            logits[:, n_prompt - 1 :].reshape(-1, VOCAB_SIZE), seq[:, n_prompt:].reshape(-1), reduction="none"
+        )
+        loss = (ce * weight.reshape(-1)).sum() / weight.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
+        if args.unique and args.grow_every and step % args.grow_every == 0:
+            data.grow(1)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0:
             print(f"step {step} {time.monotonic() - start:.0f}s lr {lr:.2e} loss {ema:.4f}", flush=True)

@@ -90,24 +90,62 @@ class Encoder:
 
 
 class Data:
-    def __init__(self, seed: int, pool: int, min_givens: int, max_givens: int) -> None:
+    """Training puzzles. With `unique` (the default since the fourth session), every puzzle has exactly one
+    solution: a pool of minimal unique puzzles (grown by `grow()` during training) is re-dealt with random
+    givens added back from the solution (adding givens keeps a solution unique) and a random symmetry. Random
+    masking (`unique=False`, the earlier runs) makes most puzzles under ~30 givens ambiguous, so the target
+    grid was one arbitrary solution among several: noise exactly where the model was weakest."""
+
+    def __init__(self, seed: int, pool: int, min_givens: int, max_givens: int, unique: bool = True) -> None:
         self.rng = random.Random(seed)
-        self.grids = [puzzles.random_grid(self.rng) for _ in range(pool)]
+        self.unique = unique
         self.min_givens, self.max_givens = min_givens, max_givens
         self.enc = Encoder()
+        if unique:
+            self.bases: list[tuple[str, str]] = []
+            self.grow(pool)
+        else:
+            self.grids = [puzzles.random_grid(self.rng) for _ in range(pool)]
 
-    def puzzle_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts, targets = [], []
-        for _ in range(size):
+    def grow(self, count: int) -> None:
+        """Add `count` minimal unique puzzles (about 0.25 s each on one core)."""
+        for _ in range(count):
+            solution = puzzles.random_grid(self.rng)
+            self.bases.append((puzzles.make_puzzle(solution, 17, self.rng), solution))
+
+    def puzzle(self, givens: int) -> tuple[str, str]:
+        if not self.unique:
             grid = self.rng.choice(self.grids)
             solution = puzzles.apply(grid, puzzles.transform(grid, self.rng))
-            puzzle = puzzles.mask_random(solution, self.rng.randint(self.min_givens, self.max_givens), self.rng)
+            return puzzles.mask_random(solution, givens, self.rng), solution
+        base, solution = self.rng.choice(self.bases)
+        blanks = [i for i, ch in enumerate(base) if ch == "."]
+        reveal = set(self.rng.sample(blanks, max(0, min(len(blanks), givens - (81 - len(blanks))))))
+        puzzle = "".join(solution[i] if i in reveal else ch for i, ch in enumerate(base))
+        sym = puzzles.transform(solution, self.rng)
+        return puzzles.apply(puzzle, sym), puzzles.apply(solution, sym)
+
+    def puzzle_batch(self, size: int, given_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompts, target canvases and per-position loss weights: 1 on the puzzle's blanks, `given_weight` on
+        the givens, line breaks and the EOS/padding tail (copying is easy; the blanks are the task)."""
+        prompts, targets, weights = [], [], []
+        for _ in range(size):
+            puzzle, solution = self.puzzle(self.rng.randint(self.min_givens, self.max_givens))
             prompts.append(self.enc.prompt(puzzle))
             targets.append(self.enc.canvas(puzzles.to_lines(solution)))
-        return torch.tensor(prompts), torch.tensor(targets)
+            w = [given_weight] * CANVAS
+            for i, ch in enumerate(puzzle):
+                if ch == ".":
+                    w[(i // 9) * 10 + i % 9] = 1.0
+            weights.append(w)
+        return torch.tensor(prompts), torch.tensor(targets), torch.tensor(weights)
 
-    def help_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor([self.enc.prompt("?")] * size), torch.tensor([self.enc.canvas(HELP)] * size)
+    def help_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            torch.tensor([self.enc.prompt("?")] * size),
+            torch.tensor([self.enc.canvas(HELP)] * size),
+            torch.ones(size, CANVAS),
+        )
 
 
 def learning_rate(base: float, step: int, progress: float, warmup: int = 200) -> float:
@@ -129,7 +167,10 @@ def corrupt(x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(torch.rand(x0.shape, generator=gen) < t, noise, x0)
 
 
-def train_step(model, prompt, x0, gen, sc_prob: float) -> torch.Tensor:
+def train_step(model, prompt, x0, weight, gen, sc_prob: float, focal_gamma: float = 0.0) -> torch.Tensor:
+    """One denoising loss. Positions are weighted by `weight` and, with `focal_gamma` > 0, by (1 - p)^gamma of
+    the correct token (hard cells count more: the token reweighting idea of Ye et al. 2024 in focal form);
+    the weighted sum is divided by the plain weight sum so the loss scale stays comparable across settings."""
     xt = corrupt(x0, gen)
     sc = None
     if torch.rand((), generator=gen) < sc_prob:
@@ -138,7 +179,12 @@ def train_step(model, prompt, x0, gen, sc_prob: float) -> torch.Tensor:
         temperature = 0.3 + 0.7 * torch.rand((), generator=gen)
         sc = first / temperature
     logits = model(input_ids=prompt, decoder_input_ids=xt, self_conditioning_logits=sc).logits
-    return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), x0.reshape(-1))
+    ce = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), x0.reshape(-1), reduction="none").view_as(weight)
+    w = weight
+    if focal_gamma:
+        w = w * (1 - torch.exp(-ce.detach())) ** focal_gamma
+        w = w * (weight.sum() / w.sum().clamp_min(1e-6))
+    return (ce * w).sum() / weight.sum()
 
 
 def save(model, out: Path, settings: dict, generation: dict) -> None:
@@ -189,7 +235,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--pool", type=int, default=20000, help="random solved grids to draw from")
+    ap.add_argument("--pool", type=int, default=600, help="initial minimal unique puzzles (or grids, --no-unique)")
+    ap.add_argument("--grow-every", type=int, default=4, help="add one minimal unique puzzle every N steps")
+    ap.add_argument("--no-unique", dest="unique", action="store_false", help="random masking (earlier runs)")
+    ap.add_argument("--given-weight", type=float, default=0.25, help="loss weight of givens and layout positions")
+    ap.add_argument("--focal-gamma", type=float, default=1.0, help="hard-cell weighting exponent (0 = off)")
     ap.add_argument("--min-givens", type=int, default=22)
     ap.add_argument("--max-givens", type=int, default=60)
     ap.add_argument("--sc-prob", type=float, default=0.5)
@@ -201,7 +251,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    data = Data(args.seed, args.pool, args.min_givens, args.max_givens)
+    data = Data(args.seed, args.pool, args.min_givens, args.max_givens, args.unique)
     if args.init:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init)
     else:
@@ -215,7 +265,9 @@ def main() -> None:
     settings = {
         **vars(args),
         "parameters": params,
-        "objective": "uniform-noise x0 prediction + self-conditioning",
+        "objective": "uniform-noise x0 prediction + self-conditioning"
+        + (", unique puzzles, blank-weighted" if args.unique else "")
+        + (f", focal {args.focal_gamma}" if args.focal_gamma else ""),
         "continued_from": training_record(args.init),
     }
     step, ema = 0, None
@@ -226,13 +278,18 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         help_step = args.help_every and step % args.help_every == args.help_every - 1
-        prompt, x0 = data.help_batch(args.help_batch) if help_step else data.puzzle_batch(args.batch)
-        loss = train_step(model, prompt, x0, gen, args.sc_prob)
+        if help_step:
+            prompt, x0, weight = data.help_batch(args.help_batch)
+        else:
+            prompt, x0, weight = data.puzzle_batch(args.batch, args.given_weight)
+        loss = train_step(model, prompt, x0, weight, gen, args.sc_prob, args.focal_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
+        if args.unique and args.grow_every and step % args.grow_every == 0:
+            data.grow(1)
         if not help_step:
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0:
