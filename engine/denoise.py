@@ -123,3 +123,22 @@ def push_history(history: torch.Tensor, argmax_canvas: torch.Tensor) -> torch.Te
 def is_confident(entropy: torch.Tensor, confidence_threshold: float) -> bool:
     """True when the mean entropy over the canvas is under the threshold."""
     return bool(entropy.mean() < confidence_threshold)
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of `token_ids` under softmax(logits) per position, and the `top` most probable tokens
+    with theirs, computed in position chunks. Returns (chosen (n,), top_ids (n, top), top_logprobs (n, top))."""
+    n = token_ids.shape[0]
+    chosen = torch.empty(n, dtype=torch.float32, device=logits.device)
+    top_ids = torch.empty((n, top), dtype=torch.long, device=logits.device)
+    top_lp = torch.empty((n, top), dtype=torch.float32, device=logits.device)
+    for start in range(0, n, ENTROPY_CHUNK):
+        stop = min(n, start + ENTROPY_CHUNK)
+        log_probs = torch.log_softmax(logits[start:stop].float(), dim=-1)
+        chosen[start:stop] = log_probs.gather(-1, token_ids[start:stop, None])[:, 0]
+        if top:
+            values, ids = log_probs.topk(top, dim=-1)
+            top_ids[start:stop], top_lp[start:stop] = ids, values
+    return chosen, top_ids, top_lp

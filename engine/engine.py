@@ -18,7 +18,7 @@ import torch
 from engine import denoise
 from engine.config import EngineConfig
 from engine.detokenizer import TextStream
-from engine.events import CommitEvent, Event, FinishEvent, PassEvent
+from engine.events import CommitEvent, Event, FinishEvent, PassEvent, TokenLogprob
 from engine.grammar import GrammarCompiler, GrammarConstraint
 from engine.loader import LoadedModel, load_model
 from engine.metrics import EngineMetrics
@@ -79,10 +79,18 @@ class LLMEngine:
         """A grammar matcher (llguidance grammar text, see engine/grammar.py) for `make_request`; raises
         GrammarError. Safe to call from any thread, and meant to be called off the engine thread: building a
         complex grammar can take a while, and no row should wait for another row's grammar."""
+        return self._grammar_compiler().compile(grammar)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
         with self._grammars_lock:
             if self._grammars is None:
                 self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, list(self.defaults.eos_token_ids))
-        return self._grammars.compile(grammar)
+        return self._grammars
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's exact bytes (a byte-level token may hold part of a UTF-8 character; a special token gives
+        its name), as the grammar engine's tokenizer table has them."""
+        return self._grammar_compiler().lltokenizer.decode_bytes([token_id])
 
     def make_request(
         self,
@@ -313,7 +321,8 @@ class LLMEngine:
             state.answer_ids = list(state.text.token_ids)
             answer = state.answer_ids[before:]
         self.metrics.committed(state, state.pass_index)
-        emit(state, CommitEvent(state.canvas_index, answer, delta, state.pass_index))
+        logprobs = self._logprobs(state, answer) if params.logprobs is not None else None
+        emit(state, CommitEvent(state.canvas_index, answer, delta, state.pass_index, logprobs))
         state.canvas_index += 1
         if finish is None and state.canvas_index >= state.max_canvases:
             finish = "length"
@@ -321,6 +330,23 @@ class LLMEngine:
             self._finish(state, finish, emit)
             return False
         return True
+
+    @torch.inference_mode()
+    def _logprobs(self, state: DenoiseState, answer: list[int]) -> list[TokenLogprob]:
+        """Log-probabilities of a committed canvas's answer tokens (a prefix of the canvas) under the committing
+        pass's sampling distribution: its logits at that pass's temperature (unscaled at temperature 0), after
+        any grammar mask; these are the logits the row kept for self-conditioning. EOS is not reported."""
+        eos = set(state.params.eos_token_ids)
+        k = state.params.logprobs
+        ids = torch.tensor(answer, dtype=torch.long, device=self.loaded.device)
+        chosen, top_ids, top_lp = denoise.token_logprobs(state.self_conditioning[: len(answer)], ids, k)
+        chosen, top_ids, top_lp = chosen.tolist(), top_ids.tolist(), top_lp.tolist()
+        return [
+            # A grammar can leave fewer than k tokens possible: alternatives at -inf are not alternatives.
+            TokenLogprob(t, chosen[i], [(a, lp) for a, lp in zip(top_ids[i], top_lp[i], strict=True) if lp > -1e30])
+            for i, t in enumerate(answer)
+            if t not in eos
+        ]
 
     def _commit_canvases(self, finished: list[tuple[DenoiseState, list[int]]]) -> None:
         """One batched encoder pass over the canvases finished in this pass, then a fresh canvas for each."""

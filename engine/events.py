@@ -23,14 +23,26 @@ class PassEvent:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One committed token's log-probability and the most probable alternatives (token id, log-probability),
+    under the sampling distribution of the pass that committed its canvas."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
 class CommitEvent:
     """A canvas was committed. `token_ids` are its answer tokens (cut at EOS, stop or max_tokens); `text`
-    is the newly safe text: held back while it could still be the start of a stop string."""
+    is the newly safe text: held back while it could still be the start of a stop string. `logprobs`, when
+    the request asked for them: one entry per answer token that is not EOS."""
 
     canvas_index: int
     token_ids: list[int]
     text: str
     passes: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)

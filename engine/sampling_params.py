@@ -21,6 +21,9 @@ REASONING_EFFORT_PRESETS: dict[str, dict[str, float | int]] = {
 }
 
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+
+
 class SamplingParamsError(ValueError):
     """A parameter value the engine cannot run; `param` names the offending field."""
 
@@ -50,6 +53,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     eos_token_ids: list[int] = field(default_factory=list)
     include_drafts: bool = True
+    # Log-probabilities of the committed tokens with this many alternatives each (None: none at all).
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -73,6 +78,7 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("stop", len(self.stop) <= 16, "at most 16 stop sequences"),
             ("stop", all(0 < len(s) <= 256 for s in self.stop), "stop sequences must be 1-256 characters"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"must be 0-{MAX_LOGPROBS}"),
         ]
         for param, ok, message in checks:
             if not ok:

@@ -67,9 +67,7 @@ class DiffusionParams(BaseModel):
     # Accepted for compatibility; they have no diffusion counterpart and are ignored.
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    # Rejected with a clear error when set to something we cannot honour (see serving.unsupported).
-    logprobs: Any = None
-    top_logprobs: Any = None
+    # Rejected with a clear error when set to something we cannot honour (see serving.reject_unsupported).
     logit_bias: dict[str, float] | None = None
     # Diffusion extensions.
     denoising_steps: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
@@ -108,6 +106,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(DiffusionParams):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
@@ -121,6 +121,8 @@ class CompletionRequest(DiffusionParams):
     )
     echo: StrictBool = False
     suffix: StrictStr | None = None
+    # Alternatives per token (OpenAI allows up to 5 here; Press, like vLLM, up to 20).
+    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     best_of: StrictInt | None = None
 
 
@@ -157,11 +159,33 @@ class ResponseMessage(BaseModel):
     refusal: None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     diffusion: DiffusionStats | None = None
 
 
@@ -178,7 +202,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     diffusion: DiffusionStats | None = None
 
 

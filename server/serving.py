@@ -18,11 +18,12 @@ from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import AsyncEngine
 from engine.engine import ContextLengthError
-from engine.events import CommitEvent, Event, FinishEvent, PassEvent
+from engine.events import CommitEvent, Event, FinishEvent, PassEvent, TokenLogprob
 from engine.request import DenoiseState
 from engine.sampling_params import REASONING_EFFORT_PRESETS, SamplingParams, SamplingParamsError
 from server.config import ServerConfig
 from server.errors import APIError, bad_request
+from server.logprobs import LogprobFormatter
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -37,6 +38,7 @@ MAX_CHOICES = 64
 @dataclass
 class ChoiceResult:
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: FinishEvent | None = None
 
 
@@ -62,6 +64,7 @@ class Serving:
         self.model_name = model_name
         self.aliases = {model_name, *aliases}
         self.tokenizer = engine.engine.tokenizer
+        self.logprob_formatter = LogprobFormatter(engine.engine)
 
     # ------------------------------------------------------------ validation
 
@@ -77,15 +80,13 @@ class Serving:
     @staticmethod
     def reject_unsupported(req: DiffusionParams) -> None:
         """Known OpenAI features Press cannot honour: refuse them loudly instead of ignoring them."""
-        if req.logprobs not in (None, False, 0):
-            raise bad_request("'logprobs' is not supported by this diffusion server.", param="logprobs")
-        if req.top_logprobs not in (None, 0):
-            raise bad_request("'top_logprobs' is not supported by this diffusion server.", param="top_logprobs")
         if req.logit_bias:
             raise bad_request("'logit_bias' is not supported by this diffusion server.", param="logit_bias")
         if req.stream_options is not None and not req.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
         if isinstance(req, ChatCompletionRequest):
+            if req.top_logprobs is not None and not req.logprobs:
+                raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
             if req.tools:
                 raise bad_request("'tools' (function calling) is not supported by this server.", param="tools")
             if req.tool_choice not in (None, "none"):
@@ -135,12 +136,20 @@ class Serving:
             stop=stop,
             eos_token_ids=[] if req.ignore_eos else list(d.eos_token_ids),
             include_drafts=include_drafts,
+            logprobs=self.logprobs_wanted(req),
         )
         try:
             params.validate()
         except SamplingParamsError as exc:
             raise bad_request(str(exc), param=exc.param) from exc
         return params
+
+    @staticmethod
+    def logprobs_wanted(req: DiffusionParams) -> int | None:
+        """Alternatives per committed token, or None when the request wants no log-probabilities."""
+        if isinstance(req, ChatCompletionRequest):
+            return (req.top_logprobs or 0) if req.logprobs else None
+        return req.logprobs
 
     # ---------------------------------------------------------------- prompts
 
@@ -275,6 +284,7 @@ class Serving:
             async for index, event in self.merged_events(states):
                 if isinstance(event, CommitEvent):
                     results[index].text.append(event.text)
+                    results[index].logprobs.extend(event.logprobs or [])
                 elif isinstance(event, FinishEvent):
                     results[index].text.append(event.text)
                     results[index].finish = event
@@ -356,17 +366,22 @@ class Serving:
         results = await self.collect(states, request)
         self.log_details(request, req, prompt_tokens, [r.finish for r in results])
         created = int(time.time())
+        want_logprobs = self.logprobs_wanted(req) is not None
         choices = []
         for i, r in enumerate(results):
             text = "".join(r.text)
             reason = r.finish.finish_reason
+            logprobs = None
+            if want_logprobs:
+                fmt = self.logprob_formatter
+                logprobs = fmt.chat(r.logprobs) if chat else fmt.completion(r.logprobs, 0)[0]
             if chat:
                 choices.append(
                     {
                         "index": i,
                         "message": {"role": "assistant", "content": text, "refusal": None},
                         "finish_reason": reason,
-                        "logprobs": None,
+                        "logprobs": logprobs,
                         "diffusion": self.stats(r.finish),
                     }
                 )
@@ -376,7 +391,7 @@ class Serving:
                         "index": i,
                         "text": text,
                         "finish_reason": reason,
-                        "logprobs": None,
+                        "logprobs": logprobs,
                         "diffusion": self.stats(r.finish),
                     }
                 )
@@ -410,10 +425,11 @@ class Serving:
             return {"data": _dump(body)}
 
         def choice(index: int, content: str | None, finish: str | None = None, **extra: object) -> dict:
+            extra = {"logprobs": None, **extra}
             if chat:
                 delta = {} if content is None else {"content": content}
-                return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}
-            return {"index": index, "text": content or "", "logprobs": None, "finish_reason": finish, **extra}
+                return {"index": index, "delta": delta, "finish_reason": finish, **extra}
+            return {"index": index, "text": content or "", "finish_reason": finish, **extra}
 
         if chat:
             for i in range(len(states)):
@@ -446,6 +462,7 @@ class Serving:
         yield {"data": "[DONE]"}
 
     async def _stream_events(self, req, states, chat, finishes, chunk, choice) -> AsyncIterator[dict]:
+        offsets = [0] * len(states)  # completions' text_offset runs on across a choice's chunks
         async for index, event in self.merged_events(states):
             if isinstance(event, PassEvent):
                 if event.draft_text is not None:
@@ -458,7 +475,13 @@ class Serving:
                     )
                     yield chunk([choice(index, None, draft=draft.model_dump())])
             elif isinstance(event, CommitEvent):
-                if event.text:
+                if event.logprobs:  # with the content of the canvas they belong to (even if its text is held)
+                    if chat:
+                        logprobs = self.logprob_formatter.chat(event.logprobs)
+                    else:
+                        logprobs, offsets[index] = self.logprob_formatter.completion(event.logprobs, offsets[index])
+                    yield chunk([choice(index, event.text, logprobs=logprobs)])
+                elif event.text:
                     yield chunk([choice(index, event.text)])
             elif isinstance(event, FinishEvent):
                 finishes[index] = event
