@@ -35,12 +35,13 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# The engine against the oldest supported transformers (5.17, first with DiffusionGemma) in its own venv.
+# The oldest supported transformers (5.17, first with DiffusionGemma) in its own venv: the engine, and the chat
+# format (template, ResponseParser, tool calls over HTTP).
 COMPAT_VENV ?= .venv-compat
 test-compat:
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
-	$(COMPAT_VENV)/bin/pip install -q --disable-pip-version-check 'transformers==5.17.0' \
-		pytest pyyaml prometheus-client
+	$(COMPAT_VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(COMPAT_VENV)/bin/pip install -q --disable-pip-version-check 'transformers==5.17.0'
 	$(COMPAT_VENV)/bin/python -m pytest tests/test_equivalence.py tests/test_batching.py tests/test_denoise.py \
-		tests/test_detokenizer.py
+		tests/test_detokenizer.py tests/test_chat_format.py tests/test_tools.py

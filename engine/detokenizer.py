@@ -26,9 +26,11 @@ class TextStream:
     token_ids: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the text already handed out
     stopped: bool = False  # a stop string was found: the text is final at `emitted` characters
+    # False keeps special tokens in the text, for a chat parser that reads the format's markers.
+    skip_special_tokens: bool = True
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     @property
     def text(self) -> str:

@@ -112,7 +112,9 @@ class LLMEngine:
             raise SamplingParamsError("prompt", f"token ids must be in [0, {self.vocab_size})")
         self.check_length(len(prompt_ids), params.max_tokens)
         state = DenoiseState(
-            prompt_ids=list(prompt_ids), params=params, text=TextStream(self.tokenizer, list(params.stop))
+            prompt_ids=list(prompt_ids),
+            params=params,
+            text=TextStream(self.tokenizer, list(params.stop), skip_special_tokens=params.skip_special_tokens),
         )
         if request_id:
             state.request_id = request_id
@@ -124,7 +126,7 @@ class LLMEngine:
             generator.seed()
         state.generator = generator
         if grammar is not None:
-            state.grammar = GrammarConstraint(grammar, self.vocab_size, self._grammars.eos_token_ids, grammar_in_pass)
+            state.grammar = GrammarConstraint(grammar, self.vocab_size, list(params.eos_token_ids), grammar_in_pass)
         return state
 
     def add_request(self, state: DenoiseState) -> None:

@@ -55,6 +55,8 @@ class SamplingParams:
     include_drafts: bool = True
     # Log-probabilities of the committed tokens with this many alternatives each (None: none at all).
     logprobs: int | None = None
+    # As vLLM's: False keeps special tokens in the answer text (a chat format's markers, for its parser).
+    skip_special_tokens: bool = True
 
     @property
     def greedy(self) -> bool:

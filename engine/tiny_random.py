@@ -2,7 +2,10 @@
 
 It is written once into a cache directory in Hugging Face layout (config.json, generation_config.json,
 model.safetensors, tokenizer) so that it loads through exactly the same path as a real checkpoint.
-The tokenizer is a real byte-level BPE (engine/assets/tiny_tokenizer) with a Gemma-style chat template.
+The tokenizer is a real byte-level BPE (engine/assets/tiny_tokenizer, built by tools/build_tiny_tokenizer.py) that
+speaks Gemma 4's chat format, DiffusionGemma's: its control tokens (turns, thinking, tool declarations, calls and
+responses, the <|"|> string delimiter) are special tokens, chat_template.jinja renders conversations with tools and
+reasoning, and tokenizer_config.json's response_template parses an answer back into content, reasoning and tool calls.
 """
 
 from __future__ import annotations
@@ -15,11 +18,38 @@ import torch
 
 TINY_RANDOM = "tiny-random"
 # Bump when the architecture or seed below changes, so stale caches are not reused.
-_VERSION = "v2"  # v2: full-attention head_dim 64 instead of the config default 512
+# v2: full-attention head_dim 64 instead of the config default 512.
+# v3: the tokenizer speaks Gemma 4's chat format (its special tokens, chat template, response template; new ids)
+#     and the generation config stops on <eos>, <turn|> and <|tool_response>, as DiffusionGemma's does.
+_VERSION = "v3"
 _ASSETS = Path(__file__).parent / "assets" / "tiny_tokenizer"
 
-# Token ids of the shipped tokenizer's special tokens.
-PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN, IMAGE, BOI, EOI = range(9)
+# Token ids of the shipped tokenizer's special tokens (tools/build_tiny_tokenizer.py lists them in this order).
+(
+    PAD,  # <pad>
+    EOS,  # <eos>
+    BOS,  # <bos>
+    UNK,  # <unk>
+    START_OF_TURN,  # <|turn>
+    END_OF_TURN,  # <turn|>
+    THINK,  # <|think|>
+    CHANNEL_START,  # <|channel>
+    CHANNEL_END,  # <channel|>
+    TOOL_START,  # <|tool>
+    TOOL_END,  # <tool|>
+    TOOL_CALL_START,  # <|tool_call>
+    TOOL_CALL_END,  # <tool_call|>
+    TOOL_RESPONSE_START,  # <|tool_response>
+    TOOL_RESPONSE_END,  # <tool_response|>
+    STRING_DELIM,  # <|"|>
+    IMAGE,  # <|image|>
+    BOI,  # <|image>
+    EOI,  # <image|>
+) = range(19)
+# What ends an answer, as in DiffusionGemma's generation_config.json ([1, 106, 50] there): <eos>, the end of the
+# model's turn, and the start of a tool response (the model stops after its tool calls; the tool's result is
+# written by the caller, after which the model continues the same turn).
+EOS_TOKEN_IDS = [EOS, END_OF_TURN, TOOL_RESPONSE_START]
 
 
 def tiny_config_kwargs(canvas_length: int = 32, vocab_size: int = 1024, num_layers: int = 4) -> dict:
@@ -65,7 +95,7 @@ def tiny_config_kwargs(canvas_length: int = 32, vocab_size: int = 1024, num_laye
         "eoi_token_id": EOI,
         "image_token_id": IMAGE,
         "pad_token_id": PAD,
-        "eos_token_id": EOS,
+        "eos_token_id": [EOS, END_OF_TURN],  # config.json's pair, as DiffusionGemma's; generation adds <|tool_response>
         "bos_token_id": BOS,
     }
 
@@ -107,10 +137,10 @@ def save_checkpoint(model, path: Path, max_denoising_steps: int = 48) -> None:
         confidence_threshold=0.005,
         bos_token_id=BOS,
         pad_token_id=PAD,
-        eos_token_id=[EOS, END_OF_TURN],
+        eos_token_id=EOS_TOKEN_IDS,
     )
     model.save_pretrained(tmp)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(_ASSETS / name, tmp / name)
     # Atomic publish: concurrent first uses (tests, several servers) never see a half-written model.
     try:

@@ -149,11 +149,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         serving = holder.require()
         serving.check_model(body.model)
         serving.reject_unsupported(body)
-        prompt = await asyncio.to_thread(serving.chat_prompt, body)
+        prompt_text, prompt = await asyncio.to_thread(serving.chat_prompt, body)
         grammar = await asyncio.to_thread(compile_request, serving.engine.engine, body)
         max_tokens = body.max_completion_tokens or body.max_tokens
         states = serving.make_states(body, [prompt], max_tokens, prompt_param="messages", grammar=grammar)
-        return await serving.respond(body, states, len(prompt), request, chat=True)
+        return await serving.respond(body, states, len(prompt), request, chat=True, prompt_text=prompt_text)
 
     @app.post("/v1/completions", response_model=None, dependencies=[Depends(require_key)],
               responses={200: {"model": CompletionResponse}, **ERRORS})  # fmt: skip

@@ -96,11 +96,48 @@ class OtherPart(BaseModel):
     type: Literal["image_url", "input_audio", "file", "refusal"]
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: StrictStr
+    arguments: StrictStr  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[Annotated[TextPart | OtherPart, Field(discriminator="type")]] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: StrictStr | None = None  # tool turns: the call they answer
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(DiffusionParams):
@@ -108,8 +145,11 @@ class ChatCompletionRequest(DiffusionParams):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[ToolDef], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
+    # Extra variables for the chat template, e.g. {"enable_thinking": true} (as vLLM accepts them).
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(DiffusionParams):
@@ -157,6 +197,10 @@ class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
+    # The model's thinking, under both names clients read: vLLM's `reasoning`, DeepSeek's `reasoning_content`.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -184,7 +228,7 @@ class CompletionLogprobs(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChatLogprobs | None = None
     diffusion: DiffusionStats | None = None
 

@@ -21,6 +21,7 @@ from engine.engine import ContextLengthError
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent, TokenLogprob
 from engine.request import DenoiseState
 from engine.sampling_params import REASONING_EFFORT_PRESETS, SamplingParams, SamplingParamsError
+from server.chat import ChatFormat, ParsedAnswer
 from server.config import ServerConfig
 from server.errors import APIError, bad_request
 from server.logprobs import LogprobFormatter
@@ -65,6 +66,7 @@ class Serving:
         self.aliases = {model_name, *aliases}
         self.tokenizer = engine.engine.tokenizer
         self.logprob_formatter = LogprobFormatter(engine.engine)
+        self.chat_format = ChatFormat(self.tokenizer, engine.engine.loaded.model.config.model_type)
 
     # ------------------------------------------------------------ validation
 
@@ -87,10 +89,15 @@ class Serving:
         if isinstance(req, ChatCompletionRequest):
             if req.top_logprobs is not None and not req.logprobs:
                 raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
-            if req.tools:
-                raise bad_request("'tools' (function calling) is not supported by this server.", param="tools")
-            if req.tool_choice not in (None, "none"):
-                raise bad_request("'tool_choice' is not supported by this server.", param="tool_choice")
+            names = [t.function.name for t in req.tools or []]
+            if req.tool_choice not in (None, "none", "auto") and not names:
+                raise bad_request("'tool_choice' needs 'tools' to choose from.", param="tool_choice")
+            choice = req.tool_choice
+            if choice is not None and not isinstance(choice, str) and choice.function.name not in names:
+                raise bad_request(
+                    f"'tool_choice' names the function '{choice.function.name}', which is not among 'tools'.",
+                    param="tool_choice.function.name",
+                )
         if isinstance(req, CompletionRequest):
             if req.echo:
                 raise bad_request("'echo' is not supported by this diffusion server.", param="echo")
@@ -137,6 +144,8 @@ class Serving:
             eos_token_ids=[] if req.ignore_eos else list(d.eos_token_ids),
             include_drafts=include_drafts,
             logprobs=self.logprobs_wanted(req),
+            # A chat answer keeps its format's markers for the parser, which removes them.
+            skip_special_tokens=not (isinstance(req, ChatCompletionRequest) and self.chat_format.response_template),
         )
         try:
             params.validate()
@@ -153,27 +162,10 @@ class Serving:
 
     # ---------------------------------------------------------------- prompts
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        messages = []
-        for i, m in enumerate(req.messages):
-            if isinstance(m.content, list):
-                parts = []
-                for j, part in enumerate(m.content):
-                    if part.type != "text":
-                        raise bad_request(
-                            f"Content part type '{part.type}' is not supported; this server takes text only.",
-                            param=f"messages[{i}].content[{j}].type",
-                        )
-                    parts.append(part.text)
-                content = "\n".join(parts)
-            else:
-                content = m.content or ""
-            messages.append({"role": m.role, "content": content})
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # jinja raises for role orders a template does not allow
-            raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from exc
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """The prompt as text (the answer parser's prefix) and as token ids."""
+        text = self.chat_format.prompt(req)
+        return text, list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
@@ -352,13 +344,36 @@ class Serving:
 
     # ------------------------------------------------------------- responses
 
+    @staticmethod
+    def chat_tools(req: DiffusionParams) -> list[dict] | None:
+        """The tools an answer's calls are typed against (their parameter schemas cast the arguments)."""
+        if not isinstance(req, ChatCompletionRequest) or not req.tools or req.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in req.tools]
+
+    def chat_message(self, parsed: ParsedAnswer) -> dict:
+        message: dict = {"role": "assistant", "content": parsed.content, "refusal": None}
+        if parsed.tool_calls:
+            message["content"] = parsed.content or None
+            message["tool_calls"] = parsed.tool_calls
+        if parsed.reasoning is not None:  # under both names clients read
+            message["reasoning"] = message["reasoning_content"] = parsed.reasoning
+        return message
+
     async def respond(
-        self, req: DiffusionParams, states: list[DenoiseState], prompt_tokens: int, request: Request, chat: bool
+        self,
+        req: DiffusionParams,
+        states: list[DenoiseState],
+        prompt_tokens: int,
+        request: Request,
+        chat: bool,
+        prompt_text: str = "",
     ) -> dict | EventSourceResponse:
-        """`prompt_tokens` bills each distinct prompt once, as OpenAI does for n > 1."""
+        """`prompt_tokens` bills each distinct prompt once, as OpenAI does for n > 1. `prompt_text` is a chat
+        prompt, which the answer parser reads as the start of the assistant's turn."""
         if req.stream:
             return EventSourceResponse(
-                self.stream(req, states, prompt_tokens, chat, request),
+                self.stream(req, states, prompt_tokens, chat, request, prompt_text),
                 sep="\n",
                 ping=15,
                 headers={"X-Accel-Buffering": "no"},
@@ -376,10 +391,13 @@ class Serving:
                 fmt = self.logprob_formatter
                 logprobs = fmt.chat(r.logprobs) if chat else fmt.completion(r.logprobs, 0)[0]
             if chat:
+                parsed = self.chat_format.parse(text, prompt_text, self.chat_tools(req))
+                if parsed.tool_calls and reason == "stop":
+                    reason = "tool_calls"
                 choices.append(
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "message": self.chat_message(parsed),
                         "finish_reason": reason,
                         "logprobs": logprobs,
                         "diffusion": self.stats(r.finish),
@@ -405,7 +423,13 @@ class Serving:
         }
 
     async def stream(
-        self, req: DiffusionParams, states: list[DenoiseState], prompt_tokens: int, chat: bool, request: Request
+        self,
+        req: DiffusionParams,
+        states: list[DenoiseState],
+        prompt_tokens: int,
+        chat: bool,
+        request: Request,
+        prompt_text: str = "",
     ) -> AsyncIterator[dict]:
         """SSE events: role first, a draft per pass, content per commit, one finish per choice, usage, [DONE]."""
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -424,10 +448,11 @@ class Serving:
                 body["usage"] = usage if final_usage else None
             return {"data": _dump(body)}
 
-        def choice(index: int, content: str | None, finish: str | None = None, **extra: object) -> dict:
+        def choice(index: int, content: str | dict | None, finish: str | None = None, **extra: object) -> dict:
+            """A chat choice's delta is `content` as text, or a whole delta dict (reasoning, tool calls)."""
             extra = {"logprobs": None, **extra}
             if chat:
-                delta = {} if content is None else {"content": content}
+                delta = content if isinstance(content, dict) else {} if content is None else {"content": content}
                 return {"index": index, "delta": delta, "finish_reason": finish, **extra}
             return {"index": index, "text": content or "", "finish_reason": finish, **extra}
 
@@ -445,7 +470,8 @@ class Serving:
                 )
         finishes: list[FinishEvent | None] = [None] * len(states)
         try:
-            async for item in self._stream_events(req, states, chat, finishes, chunk, choice):
+            parsers = [self.chat_format.stream(prompt_text, self.chat_tools(req)) for _ in states] if chat else None
+            async for item in self._stream_events(req, states, parsers, finishes, chunk, choice):
                 yield item
         except RequestTimeout:
             err = {"message": f"The request did not finish within {self.config.request_timeout:g} s.",
@@ -461,7 +487,9 @@ class Serving:
             yield chunk([], self.usage(prompt_tokens, finishes), final_usage=True)
         yield {"data": "[DONE]"}
 
-    async def _stream_events(self, req, states, chat, finishes, chunk, choice) -> AsyncIterator[dict]:
+    async def _stream_events(self, req, states, parsers, finishes, chunk, choice) -> AsyncIterator[dict]:
+        """`parsers`: one chat answer parser per choice (None for completions), turning text into deltas."""
+        chat = parsers is not None
         offsets = [0] * len(states)  # completions' text_offset runs on across a choice's chunks
         async for index, event in self.merged_events(states):
             if isinstance(event, PassEvent):
@@ -475,14 +503,16 @@ class Serving:
                     )
                     yield chunk([choice(index, None, draft=draft.model_dump())])
             elif isinstance(event, CommitEvent):
+                deltas: list = parsers[index].feed(event.text) if chat else [event.text] if event.text else []
                 if event.logprobs:  # with the content of the canvas they belong to (even if its text is held)
                     if chat:
                         logprobs = self.logprob_formatter.chat(event.logprobs)
                     else:
                         logprobs, offsets[index] = self.logprob_formatter.completion(event.logprobs, offsets[index])
-                    yield chunk([choice(index, event.text, logprobs=logprobs)])
-                elif event.text:
-                    yield chunk([choice(index, event.text)])
+                    first = deltas.pop(0) if deltas else ({"content": ""} if chat else "")
+                    yield chunk([choice(index, first, logprobs=logprobs)])
+                for delta in deltas:
+                    yield chunk([choice(index, delta)])
             elif isinstance(event, FinishEvent):
                 finishes[index] = event
                 if event.finish_reason == "error":
@@ -495,4 +525,12 @@ class Serving:
                     yield {"data": _dump({"error": err})}
                     yield {"data": "[DONE]"}
                     return
-                yield chunk([choice(index, event.text or None, event.finish_reason, diffusion=self.stats(event))])
+                reason = event.finish_reason
+                if chat:
+                    for delta in parsers[index].feed(event.text, final=True):
+                        yield chunk([choice(index, delta)])
+                    if parsers[index].tool_calls and reason == "stop":
+                        reason = "tool_calls"
+                    yield chunk([choice(index, None, reason, diffusion=self.stats(event))])
+                else:
+                    yield chunk([choice(index, event.text or None, reason, diffusion=self.stats(event))])

@@ -19,7 +19,8 @@ from llguidance import LLMatcher, grammar_from
 from engine.engine import LLMEngine
 from engine.grammar import GrammarError
 from server.errors import bad_request
-from server.protocol import DiffusionParams
+from server.protocol import ChatCompletionRequest, DiffusionParams
+from server.tool_grammar import tool_call_grammar
 
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_JSON_OBJECT = {"type": "object"}
@@ -98,6 +99,15 @@ def compile_request(engine: LLMEngine, req: DiffusionParams):
     """The request's grammar matcher (llguidance), or None. Runs in a worker thread: building a grammar can
     take long for a complex schema, and neither the event loop nor the engine thread may wait for it."""
     source = grammar_source(req)
+    if isinstance(req, ChatCompletionRequest):
+        tools = tool_call_grammar(req, engine.tokenizer)
+        if tools is not None and source is not None:
+            raise bad_request(
+                "A forced tool call ('tool_choice') cannot be combined with a structured output format.",
+                param="tool_choice",
+            )
+        if tools is not None:
+            source = GrammarSource(LLMatcher.grammar_from_lark(tools), "tool_choice", "tool-call grammar")
     if source is None:
         return None
     try:

@@ -14,6 +14,7 @@ from engine.engine import LLMEngine
 from engine.events import FinishEvent, PassEvent
 from engine.request import DenoiseState, RequestStatus
 from engine.sampling_params import SamplingParams
+from engine.tiny_random import EOS_TOKEN_IDS
 from tests.helpers import run_to_end
 
 
@@ -35,7 +36,7 @@ def varied_requests(n: int, seed: int = 0) -> list[tuple[list[int], SamplingPara
             t_max=rng.choice([0.5, 0.8, 1.2]),
             top_p=rng.choice([1.0, 0.9]),
             seed=1000 + i,
-            eos_token_ids=[1, 5],
+            eos_token_ids=list(EOS_TOKEN_IDS),
             stop=rng.choice([[], ["e"], [" the"]]),
             include_drafts=False,
         )

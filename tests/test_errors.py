@@ -48,7 +48,6 @@ BAD = [
     ("logprobs-not-bool", CHAT, {**OK_CHAT, "logprobs": 3}, 400, "logprobs", "invalid_value"),
     ("completion-logprobs-above-20", COMP, {"model": "tiny-random", "prompt": "x", "logprobs": 21}, 400, "logprobs",
      "invalid_value"),
-    ("tools", CHAT, {**OK_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
     ("stream-options-without-stream", CHAT, {**OK_CHAT, "stream_options": {"include_usage": True}}, 400,
      "stream_options", None),
     ("seed-string", CHAT, {**OK_CHAT, "seed": "abc"}, 400, "seed", "invalid_value"),

@@ -10,6 +10,7 @@ from llguidance import LLMatcher, grammar_from
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.tiny_random import EOS_TOKEN_IDS
 from tests.helpers import run_to_end
 from tests.test_batching import varied_requests
 
@@ -22,7 +23,8 @@ def grammar_engine(tiny_path):
 
 
 def params(seed: int, max_tokens: int = 128, steps: int = 4, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, denoising_steps=steps, seed=seed, eos_token_ids=[1, 5], **kw)
+    eos = list(EOS_TOKEN_IDS)  # the checkpoint's: a grammar ends on any of them
+    return SamplingParams(max_tokens=max_tokens, denoising_steps=steps, seed=seed, eos_token_ids=eos, **kw)
 
 
 def text_of(engine: LLMEngine, result: dict) -> str:

@@ -1,8 +1,14 @@
 """Train the byte-level BPE tokenizer that the built-in `tiny-random` model ships with.
 
-Run once; the output (engine/assets/tiny_tokenizer/) is committed so that every machine gets the
-same ids. The corpus is the docstrings of a fixed list of standard-library modules: plain English
-prose that needs no download.
+Run once from the repository root (python tools/build_tiny_tokenizer.py); the output
+(engine/assets/tiny_tokenizer/) is committed so that every machine gets the same ids (BPE merges with equal
+counts are ordered differently from run to run). The corpus is the docstrings of a fixed list of
+standard-library modules: plain English prose that needs no download.
+
+The tokenizer speaks Gemma 4's chat format (DiffusionGemma's): its control tokens are special tokens,
+one id each, and tokenizer_config.json carries the response template that parses a model answer back
+into content, reasoning and tool calls. The chat template is hand-written, not generated:
+engine/assets/tiny_tokenizer/chat_template.jinja (its header names the sources of the format).
 """
 
 from __future__ import annotations
@@ -15,21 +21,38 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from server.chat import GEMMA4_RESPONSE_TEMPLATE
+
 MODULES = """
 argparse asyncio collections csv dataclasses datetime email functools heapq http.client itertools json logging os
 pathlib pickle random re shutil socket sqlite3 statistics string subprocess tarfile textwrap threading typing
 unittest urllib.parse uuid zipfile
 """.split()
-SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<image>", "<boi>", "<eoi>"]
-VOCAB_SIZE = 1024
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
+# Ids follow this order (engine/tiny_random.py names them). Gemma 4's control tokens, as its prompt-formatting
+# guide lists them (https://ai.google.dev/gemma/docs/core/prompt-formatting-gemma4), and its image tokens.
+SPECIAL = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<|turn>",
+    "<turn|>",
+    "<|think|>",
+    "<|channel>",
+    "<channel|>",
+    "<|tool>",
+    "<tool|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    '<|"|>',
+    "<|image|>",
+    "<|image>",
+    "<image|>",
+]
+VOCAB_SIZE = 1024  # special tokens included: the BPE learns fewer merges, the model's vocab stays 1024
 
 
 def corpus() -> list[str]:
@@ -54,6 +77,7 @@ def main(out: Path) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
+    assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     config = {
@@ -64,7 +88,7 @@ def main(out: Path) -> None:
         "unk_token": "<unk>",
         "add_bos_token": False,
         "model_max_length": 4096,
-        "chat_template": CHAT_TEMPLATE,
+        "response_template": GEMMA4_RESPONSE_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     print(f"vocab {tok.get_vocab_size()} -> {out}")
