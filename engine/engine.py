@@ -17,6 +17,7 @@ import torch
 
 from engine import denoise
 from engine.config import EngineConfig
+from engine.constraints import CanvasConstraints, template_logprob
 from engine.detokenizer import TextStream
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent, TokenLogprob
 from engine.grammar import GrammarCompiler, GrammarConstraint
@@ -99,11 +100,16 @@ class LLMEngine:
         request_id: str | None = None,
         grammar=None,
         grammar_in_pass: bool = True,
+        constraints: CanvasConstraints | None = None,
     ) -> DenoiseState:
         """Validate and build a request; raises SamplingParamsError or ContextLengthError. `grammar` is a
         matcher from `compile_grammar` (owned by this request from now on); `grammar_in_pass` masks every
-        pass, not only the committed canvas."""
+        pass, not only the committed canvas. `constraints`: fixed tokens and initial canvases of the row."""
         params.validate()
+        if constraints is not None and constraints.fixed and grammar is not None:
+            raise SamplingParamsError("grammar", "a grammar cannot be combined with fixed canvas positions")
+        if constraints is not None and any(not (0 <= t < self.vocab_size) for t in constraints.fixed.values()):
+            raise SamplingParamsError("constraints", f"fixed token ids must be in [0, {self.vocab_size})")
         if grammar is not None and not params.eos_token_ids:
             raise SamplingParamsError("ignore_eos", "`ignore_eos` cannot be combined with a grammar, which ends at EOS")
         if not prompt_ids:
@@ -125,6 +131,7 @@ class LLMEngine:
         else:
             generator.seed()
         state.generator = generator
+        state.constraints = constraints
         if grammar is not None:
             state.grammar = GrammarConstraint(grammar, self.vocab_size, list(params.eos_token_ids), grammar_in_pass)
         return state
@@ -187,6 +194,8 @@ class LLMEngine:
     def _start_canvas(self, state: DenoiseState) -> None:
         """Fresh canvas of uniform noise, no self-conditioning, empty stability history."""
         state.canvas = denoise.random_canvas(self.canvas_length, self.vocab_size, state.generator, self.loaded.device)
+        if state.constraints is not None:  # a prediction's tokens and fixed ones over the noise
+            state.canvas = state.constraints.start_canvas(state.canvas, state.canvas_index)
         state.argmax_canvas = state.canvas
         state.self_conditioning = None
         state.pass_index = 0
@@ -236,6 +245,10 @@ class LLMEngine:
             processed = logits.div_(
                 denoise.pass_temperature(steps_remaining, params.denoising_steps, params.t_min, params.t_max)
             )
+        if state.constraints is not None:  # fixed positions: one-hot logits, so zero entropy and always accepted
+            if state.constraints.holes:
+                state.fixed_logprob = state.constraints.fixed_logprob(processed, state.canvas_index)
+            state.constraints.mask_logits(processed, state.canvas_index)
         walk: list[int] = []
         if state.grammar is not None and state.grammar.in_pass:
             # The grammar's walk over this pass: masked logits everywhere it reached, so proposals, entropies
@@ -248,6 +261,8 @@ class LLMEngine:
             argmax_canvas[: len(walk)] = torch.tensor(walk, device=argmax_canvas.device)
         entropy = denoise.token_entropy(processed)
         accepted = denoise.accept_mask(entropy, params.entropy_bound)
+        if state.constraints is not None:
+            accepted = state.constraints.force_accept(accepted, state.canvas_index)
         state.canvas = denoise.renoise(state.canvas, proposed, accepted, self.vocab_size, state.generator)
         stable = denoise.is_stable(state.history, argmax_canvas)
         state.history = denoise.push_history(state.history, argmax_canvas)
@@ -276,7 +291,7 @@ class LLMEngine:
                 accepted=outcome.accepted,
                 canvas_length=self.canvas_length,
                 mean_entropy=outcome.mean_entropy,
-                draft_text=self._draft_text(outcome.argmax_ids, params) if params.include_drafts else None,
+                **(self._draft(state, outcome.argmax_ids) if params.include_drafts else {}),
             ),
         )
         if (outcome.stable and outcome.confident) or state.pass_index >= params.denoising_steps:
@@ -288,29 +303,68 @@ class LLMEngine:
             return self._commit_canvas(state, canvas_ids, emit)
         return False
 
-    def _draft_text(self, ids: list[int], params: SamplingParams) -> str:
-        eos = set(params.eos_token_ids)
+    def _draft(self, state: DenoiseState, ids: list[int]) -> dict:
+        """The draft of an argmax canvas: its text up to EOS, and the character spans of its fixed tokens."""
+        eos = set(state.params.eos_token_ids)
         cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-        return self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        c = state.constraints
+        if c is not None and c.end is not None:  # a template's canvas runs to the template's end, holes and all
+            cut = max(0, min(len(ids), c.end - state.canvas_index * len(ids)))
+        fixed = c.fixed_positions(state.canvas_index, len(ids)) if c is not None else []
+        if not fixed:
+            return {"draft_text": self.tokenizer.decode(ids[:cut], skip_special_tokens=True)}
+        # Runs of fixed and free positions decode separately (a segment boundary is a token boundary).
+        fixed_set = set(fixed)
+        text, spans, start = "", [], 0
+        while start < cut:
+            kind = start in fixed_set
+            stop = start
+            while stop < cut and (stop in fixed_set) == kind:
+                stop += 1
+            piece = self.tokenizer.decode(ids[start:stop], skip_special_tokens=True)
+            if kind and piece:
+                spans.append((len(text), len(text) + len(piece)))
+            text += piece
+            start = stop
+        return {"draft_text": text, "fixed_spans": spans}
 
     # ------------------------------------------------------------ post-process
 
     def _commit_canvas(self, state: DenoiseState, canvas_ids: list[int], emit: Callable) -> bool:
-        """Commit the argmax canvas: cut at EOS, stop strings and max_tokens. Finishes the request, or
-        returns True when it continues (its canvas is then encoded with the pass's other finished ones)."""
+        """Commit the argmax canvas: cut at EOS, stop strings and max_tokens (and where a template ends, with the
+        fillers written in its holes dropped). Finishes the request, or returns True when it continues (its
+        canvas is then encoded with the pass's other finished ones)."""
         params = state.params
+        positions = list(range(len(canvas_ids)))  # canvas position of each answer candidate token
+        template_ends = False
+        c = state.constraints
+        if c is not None:
+            if c.holes:
+                holes = c.hole_positions(state.canvas_index, len(canvas_ids))
+                total, count = template_logprob(state.self_conditioning, canvas_ids, holes)
+                state.template_logprob += total + state.fixed_logprob[0]
+                state.template_tokens += count + state.fixed_logprob[1]
+            positions, template_ends = c.answer_positions(state.canvas_index, canvas_ids)
+            canvas_ids = [canvas_ids[p] for p in positions]
         eos = set(params.eos_token_ids)
         eos_at = next((i for i, t in enumerate(canvas_ids) if t in eos), None)
         kept = canvas_ids if eos_at is None else canvas_ids[: eos_at + 1]
         pad = self.loaded.model.config.get_text_config().pad_token_id
-        # tokens_per_forward as transformers defines it: denoised tokens up to EOS, pads excluded.
-        state.denoised_tokens += sum(1 for t in kept if t != pad)
+        # tokens_per_forward as transformers defines it: denoised tokens up to EOS, pads excluded (and tokens a
+        # template fixed, which were never denoised).
+        fixed = c.fixed if c is not None else {}
+        lo = state.canvas_index * self.canvas_length
+        state.denoised_tokens += sum(
+            1 for p, t in zip(positions, kept, strict=False) if t != pad and lo + p not in fixed
+        )
 
         room = params.max_tokens - len(state.answer_ids)
         answer = kept[:room]
         finish = None
         if eos_at is not None and eos_at < room:
             finish = "stop"
+        elif template_ends and len(kept) <= room:
+            finish = "stop"  # the template is complete
         elif len(kept) > room or len(state.answer_ids) + len(answer) >= params.max_tokens:
             finish = "length"
         before = len(state.answer_ids)
@@ -322,8 +376,16 @@ class LLMEngine:
             finish = "stop"
             state.answer_ids = list(state.text.token_ids)
             answer = state.answer_ids[before:]
+        positions = positions[: len(answer)]
+        if c is not None and c.fixed:
+            lo = state.canvas_index * self.canvas_length
+            state.fixed_answer_tokens += sum(1 for p in positions if lo + p in c.fixed)
+        if c is not None and c.predicted:
+            state.accepted_prediction_tokens += c.accepted_prediction(
+                state.canvas_index, self.canvas_length, positions, answer
+            )
         self.metrics.committed(state, state.pass_index)
-        logprobs = self._logprobs(state, answer) if params.logprobs is not None else None
+        logprobs = self._logprobs(state, answer, positions) if params.logprobs is not None else None
         emit(state, CommitEvent(state.canvas_index, answer, delta, state.pass_index, logprobs))
         state.canvas_index += 1
         if finish is None and state.canvas_index >= state.max_canvases:
@@ -334,14 +396,15 @@ class LLMEngine:
         return True
 
     @torch.inference_mode()
-    def _logprobs(self, state: DenoiseState, answer: list[int]) -> list[TokenLogprob]:
-        """Log-probabilities of a committed canvas's answer tokens (a prefix of the canvas) under the committing
+    def _logprobs(self, state: DenoiseState, answer: list[int], positions: list[int]) -> list[TokenLogprob]:
+        """Log-probabilities of a committed canvas's answer tokens (at canvas `positions`) under the committing
         pass's sampling distribution: its logits at that pass's temperature (unscaled at temperature 0), after
         any grammar mask; these are the logits the row kept for self-conditioning. EOS is not reported."""
         eos = set(state.params.eos_token_ids)
         k = state.params.logprobs
         ids = torch.tensor(answer, dtype=torch.long, device=self.loaded.device)
-        chosen, top_ids, top_lp = denoise.token_logprobs(state.self_conditioning[: len(answer)], ids, k)
+        index = torch.tensor(positions, dtype=torch.long, device=self.loaded.device)
+        chosen, top_ids, top_lp = denoise.token_logprobs(state.self_conditioning[index], ids, k)
         chosen, top_ids, top_lp = chosen.tolist(), top_ids.tolist(), top_lp.tolist()
         return [
             # A grammar can leave fewer than k tokens possible: alternatives at -inf are not alternatives.
@@ -361,6 +424,7 @@ class LLMEngine:
         state.finish_reason = reason
         tail = state.text.flush() if reason in ("stop", "length") else ""
         self.metrics.finished(state, reason, len(state.answer_ids))
+        predicted = state.constraints.predicted if state.constraints is not None else 0
         state.cache = None  # frees the KV cache now, not when the last reference goes
         state.self_conditioning = None
         state.grammar = None
@@ -375,5 +439,11 @@ class LLMEngine:
                 tokens_per_forward=state.tokens_per_forward,
                 text=tail,
                 error=error,
+                template_logprob=state.template_logprob / state.template_tokens if state.template_tokens else None,
+                fixed_tokens=state.fixed_answer_tokens
+                if state.constraints is not None and state.constraints.fixed
+                else None,
+                accepted_prediction_tokens=state.accepted_prediction_tokens if predicted else None,
+                rejected_prediction_tokens=predicted - state.accepted_prediction_tokens if predicted else None,
             ),
         )

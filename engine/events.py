@@ -16,6 +16,8 @@ class PassEvent:
     canvas_length: int
     mean_entropy: float
     draft_text: str | None = None
+    # Character spans [start, end) of `draft_text` that are fixed tokens (infill templates), when there are any.
+    fixed_spans: list[tuple[int, int]] | None = None
 
     @property
     def accepted_fraction(self) -> float:
@@ -57,6 +59,13 @@ class FinishEvent:
     tokens_per_forward: float
     text: str = ""
     error: str | None = None
+    # Rows with template holes: the mean log-probability of the template's tokens, holes as filled and fixed text
+    # as the model scored it, at the passes that committed them (a confidence: fill-in-the-middle's choice).
+    template_logprob: float | None = None
+    fixed_tokens: int | None = None  # rows with a template: how many answer tokens it fixed
+    # Rows started from a prediction: predicted tokens the answer kept at their positions, and the others.
+    accepted_prediction_tokens: int | None = None
+    rejected_prediction_tokens: int | None = None
 
 
 Event = PassEvent | CommitEvent | FinishEvent

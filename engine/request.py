@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.constraints import CanvasConstraints
 from engine.detokenizer import TextStream
 from engine.grammar import GrammarConstraint
 from engine.sampling_params import SamplingParams
@@ -43,6 +44,14 @@ class DenoiseState:
     self_conditioning: torch.Tensor | None = None  # previous pass's processed logits, (L, V)
     history: torch.Tensor | None = None  # last argmax canvases for the stability rule
     grammar: GrammarConstraint | None = None  # structured output: the grammar the canvases are read under
+    constraints: CanvasConstraints | None = None  # fixed tokens (infill) and initial canvases (predictions)
+    # Templates with holes: summed log-probabilities of the template's tokens at the passes that committed its
+    # canvases (holes as filled; fixed tokens as the model scored them before they were pinned), and their count.
+    template_logprob: float = 0.0
+    template_tokens: int = 0
+    fixed_logprob: tuple[float, int] = (0.0, 0)  # the latest pass's fixed-token score
+    accepted_prediction_tokens: int = 0
+    fixed_answer_tokens: int = 0  # answer tokens a template fixed (the rest the model wrote)
     answer_ids: list[int] = field(default_factory=list)  # committed answer tokens (cut at EOS/stop/length)
     denoised_tokens: int = 0  # committed canvas tokens up to EOS, excluding pad, for tokens_per_forward
     total_passes: int = 0

@@ -16,8 +16,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.async_engine import AsyncEngine
 from engine.engine import LLMEngine
+from server import llama_cpp
 from server.config import Settings
 from server.errors import APIError, install_error_handlers
+from server.infill import FillInTheMiddle
+from server.llama_cpp import InfillRequest
 from server.middleware import RequestContext, ServerState
 from server.protocol import (
     ChatCompletionRequest,
@@ -152,7 +155,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         prompt_text, prompt = await asyncio.to_thread(serving.chat_prompt, body)
         grammar = await asyncio.to_thread(compile_request, serving.engine.engine, body)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        states = serving.make_states(body, [prompt], max_tokens, prompt_param="messages", grammar=grammar)
+        variants, field = await asyncio.to_thread(serving.variants, body, max_tokens)
+        states = serving.make_states(body, [prompt], max_tokens, prompt_param="messages", grammar=grammar,
+                                     variants=variants, variant_param=field)  # fmt: skip
         return await serving.respond(body, states, len(prompt), request, chat=True, prompt_text=prompt_text)
 
     @app.post("/v1/completions", response_model=None, dependencies=[Depends(require_key)],
@@ -163,7 +168,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         serving.reject_unsupported(body)
         prompts = await asyncio.to_thread(serving.completion_prompts, body)
         grammar = await asyncio.to_thread(compile_request, serving.engine.engine, body)
-        states = serving.make_states(body, prompts, body.max_tokens, prompt_param="prompt", grammar=grammar)
-        return await serving.respond(body, states, sum(len(p) for p in prompts), request, chat=False)
+        variants, field = await asyncio.to_thread(serving.variants, body, body.max_tokens)
+        states = serving.make_states(body, prompts, body.max_tokens, prompt_param="prompt", grammar=grammar,
+                                     variants=variants, variant_param=field)  # fmt: skip
+        prompt_tokens = sum(len(p) for p in prompts)
+        if body.suffix is not None:  # fill-in-the-middle: candidate lengths per choice, the best one answers
+            return await FillInTheMiddle(serving, body, states, variants, prompt_tokens).respond(request)
+        return await serving.respond(body, states, prompt_tokens, request, chat=False)
+
+    @app.post("/infill", response_model=None, dependencies=[Depends(require_key)], responses=ERRORS)
+    async def llama_infill(body: InfillRequest, request: Request):
+        """llama.cpp's fill-in-the-middle endpoint (editor plugins)."""
+        return await llama_cpp.infill(holder.require(), body, request)
 
     return app

@@ -50,6 +50,19 @@ class ParsedAnswer:
     tool_calls: list[dict] = field(default_factory=list)  # OpenAI shape, arguments as a JSON string
 
 
+def join_text_parts(parts: list, param: str, sep: str) -> str:
+    """Content parts as one text; a part that is not text is a 400 naming it (this server takes text only)."""
+    texts = []
+    for j, part in enumerate(parts):
+        if part.type != "text":
+            raise bad_request(
+                f"Content part type '{part.type}' is not supported; this server takes text only.",
+                param=f"{param}[{j}].type",
+            )
+        texts.append(part.text)
+    return sep.join(texts)
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -86,15 +99,7 @@ class ChatFormat:
         out = []
         for i, m in enumerate(req.messages):
             if isinstance(m.content, list):
-                parts = []
-                for j, part in enumerate(m.content):
-                    if part.type != "text":
-                        raise bad_request(
-                            f"Content part type '{part.type}' is not supported; this server takes text only.",
-                            param=f"messages[{i}].content[{j}].type",
-                        )
-                    parts.append(part.text)
-                content = "\n".join(parts)
+                content = join_text_parts(m.content, f"messages[{i}].content", "\n")
             else:
                 content = m.content
             message: dict = {"role": m.role, "content": content or ""}

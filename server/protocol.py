@@ -48,6 +48,35 @@ class StructuredOutputs(BaseModel):
     json_object: StrictBool | None = None
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class OtherPart(BaseModel):
+    """Image, audio and file parts: parsed so the error can name them, then rejected."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url", "input_audio", "file", "refusal"]
+
+
+class Infill(BaseModel):
+    """Press extension: the answer is this template, its strings fixed and its holes filled by the model."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Strings and {"hole": N} objects, checked one by one (server/infill.py) so an error names the segment.
+    template: Annotated[list[Any], Field(min_length=1)]
+
+
+class Prediction(BaseModel):
+    """OpenAI's Predicted Outputs: text the answer is expected to resemble (canvases start from it)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["content"]
+    content: StrictStr | list[Annotated[TextPart | OtherPart, Field(discriminator="type")]]
+
+
 class DiffusionParams(BaseModel):
     """Sampling fields shared by both endpoints (OpenAI's plus the diffusion extensions)."""
 
@@ -81,19 +110,9 @@ class DiffusionParams(BaseModel):
     # Structured outputs (both endpoints): OpenAI's response_format, or vLLM's structured_outputs.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text"]
-    text: StrictStr
-
-
-class OtherPart(BaseModel):
-    """Image, audio and file parts: parsed so the error can name them, then rejected."""
-
-    model_config = ConfigDict(extra="allow")
-    type: Literal["image_url", "input_audio", "file", "refusal"]
+    # Canvas constraints: a template with fixed text and holes (Press), a prediction (OpenAI).
+    infill: Infill | None = None
+    prediction: Prediction | None = None
 
 
 class FunctionCall(BaseModel):
@@ -161,6 +180,8 @@ class CompletionRequest(DiffusionParams):
     )
     echo: StrictBool = False
     suffix: StrictStr | None = None
+    # Press extension for `suffix`: the middle lengths to try (default: max_tokens, then halves; see README).
+    middle_lengths: Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=1, max_length=8)] | None = None
     # Alternatives per token (OpenAI allows up to 5 here; Press, like vLLM, up to 20).
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     best_of: StrictInt | None = None
@@ -169,10 +190,16 @@ class CompletionRequest(DiffusionParams):
 # ---------------------------------------------------------------- responses
 
 
+class CompletionTokensDetails(BaseModel):
+    accepted_prediction_tokens: int | None = None
+    rejected_prediction_tokens: int | None = None
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class Draft(BaseModel):
@@ -183,6 +210,11 @@ class Draft(BaseModel):
     text: str
     accepted_fraction: float
     mean_entropy: float
+    # Character spans [start, end) of `text` holding fixed tokens (infill templates, fill-in-the-middle suffixes).
+    fixed_spans: list[tuple[int, int]] | None = None
+    # Fill-in-the-middle: which candidate middle length this draft belongs to (see README, Fill-in-the-middle).
+    candidate: int | None = None
+    hole: int | None = None
 
 
 class DiffusionStats(BaseModel):

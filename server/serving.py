@@ -24,6 +24,7 @@ from engine.sampling_params import REASONING_EFFORT_PRESETS, SamplingParams, Sam
 from server.chat import ChatFormat, ParsedAnswer
 from server.config import ServerConfig
 from server.errors import APIError, bad_request
+from server.infill import CanvasRequests, Variant
 from server.logprobs import LogprobFormatter
 from server.protocol import (
     ChatCompletionRequest,
@@ -67,6 +68,7 @@ class Serving:
         self.tokenizer = engine.engine.tokenizer
         self.logprob_formatter = LogprobFormatter(engine.engine)
         self.chat_format = ChatFormat(self.tokenizer, engine.engine.loaded.model.config.model_type)
+        self.canvas_requests = CanvasRequests(engine.engine)
 
     # ------------------------------------------------------------ validation
 
@@ -98,11 +100,30 @@ class Serving:
                     f"'tool_choice' names the function '{choice.function.name}', which is not among 'tools'.",
                     param="tool_choice.function.name",
                 )
+        if req.infill is not None and req.prediction is not None:
+            raise bad_request("'prediction' cannot be combined with an 'infill' template.", param="prediction")
+        if req.infill is not None and (req.response_format is not None or req.structured_outputs is not None):
+            raise bad_request("An 'infill' template cannot be combined with structured outputs.", param="infill")
+        if (
+            isinstance(req, ChatCompletionRequest)
+            and req.infill is not None
+            and req.tool_choice
+            not in (
+                None,
+                "none",
+                "auto",
+            )
+        ):
+            raise bad_request("An 'infill' template cannot be combined with a forced tool call.", param="infill")
         if isinstance(req, CompletionRequest):
             if req.echo:
                 raise bad_request("'echo' is not supported by this diffusion server.", param="echo")
-            if req.suffix:
-                raise bad_request("'suffix' is not supported by this diffusion server.", param="suffix")
+            if req.suffix is not None and req.infill is not None:
+                raise bad_request("'suffix' and 'infill' both shape the answer; send one.", param="suffix")
+            if req.suffix is not None and (req.response_format is not None or req.structured_outputs is not None):
+                raise bad_request("'suffix' cannot be combined with structured outputs.", param="suffix")
+            if req.middle_lengths is not None and req.suffix is None:
+                raise bad_request("'middle_lengths' applies to 'suffix' requests only.", param="middle_lengths")
             if req.best_of is not None and req.best_of != req.n:
                 raise bad_request("'best_of' other than n is not supported.", param="best_of")
 
@@ -153,6 +174,26 @@ class Serving:
             raise bad_request(str(exc), param=exc.param) from exc
         return params
 
+    def variants(self, req: DiffusionParams, max_tokens: int | None) -> tuple[list[Variant] | None, str]:
+        """The canvas constraints a request asks for (one variant, or a middle's candidate lengths) and the field
+        they come from. A template sets max_tokens to its length; a smaller max_tokens is refused."""
+        canvas = self.canvas_requests
+        if isinstance(req, CompletionRequest) and req.suffix is not None:
+            middle = max_tokens if max_tokens is not None else self.engine.engine.canvas_length
+            return canvas.middles(req.suffix, middle, req.middle_lengths), "suffix"
+        if req.infill is not None:
+            variant = canvas.template(req.infill)
+            if max_tokens is not None and max_tokens < variant.max_tokens:
+                raise bad_request(
+                    f"'max_tokens' ({max_tokens}) is shorter than the infill template ({variant.max_tokens} tokens).",
+                    param="max_tokens",
+                )
+            return [variant], "infill.template"
+        if req.prediction is not None:
+            variant = canvas.prediction(req.prediction)
+            return ([variant] if variant is not None else None), "prediction"
+        return None, ""
+
     @staticmethod
     def logprobs_wanted(req: DiffusionParams) -> int | None:
         """Alternatives per committed token, or None when the request wants no log-probabilities."""
@@ -192,12 +233,16 @@ class Serving:
         max_tokens: int | None,
         prompt_param: str,
         grammar=None,
+        variants: list[Variant] | None = None,
+        variant_param: str = "infill",
     ) -> list[DenoiseState]:
-        """One engine request per prompt and choice; each gets its own copy of the compiled `grammar`."""
+        """One engine request per prompt, choice and variant (canvas constraints; fill-in-the-middle has one per
+        candidate length); each gets its own copy of the compiled `grammar`."""
         if len(prompts) * req.n > MAX_CHOICES:
             raise bad_request(f"At most {MAX_CHOICES} choices (prompts x n) per request.", param="n")
+        rows = len(prompts) * req.n * len(variants or [None])
         max_queue = self.engine.engine.config.max_queue
-        if self.engine.num_waiting + len(prompts) * req.n > max_queue:
+        if self.engine.num_waiting + rows > max_queue:
             raise APIError(
                 503,
                 f"The server is overloaded: {max_queue} requests are already waiting. Retry shortly.",
@@ -220,17 +265,25 @@ class Serving:
                 if params.seed is not None and (p_idx or i):
                     # Distinct but reproducible streams per choice.
                     choice_params = params.with_changes(seed=(params.seed + p_idx * req.n + i) % 2**63)
-                try:
-                    state = self.engine.engine.make_request(
-                        prompt, choice_params, grammar=grammar.deep_copy() if grammar is not None else None
-                    )
-                    state.bills_prompt = i == 0
+                for v, variant in enumerate(variants or [None]):
+                    row_params = choice_params
+                    if variant is not None and variant.max_tokens is not None:
+                        row_params = choice_params.with_changes(max_tokens=variant.max_tokens)
+                    try:
+                        state = self.engine.engine.make_request(
+                            prompt,
+                            row_params,
+                            grammar=grammar.deep_copy() if grammar is not None else None,
+                            constraints=variant.constraints if variant is not None else None,
+                        )
+                    except ContextLengthError as exc:
+                        param = variant_param if variant is not None and variant.max_tokens else prompt_param
+                        raise bad_request(str(exc), param=param, code="context_length_exceeded") from exc
+                    except SamplingParamsError as exc:
+                        param = prompt_param if exc.param == "prompt" else exc.param
+                        raise bad_request(str(exc), param=param) from exc
+                    state.bills_prompt = i == 0 and v == 0
                     states.append(state)
-                except ContextLengthError as exc:
-                    raise bad_request(str(exc), param=prompt_param, code="context_length_exceeded") from exc
-                except SamplingParamsError as exc:
-                    param = prompt_param if exc.param == "prompt" else exc.param
-                    raise bad_request(str(exc), param=param) from exc
         return states
 
     # ------------------------------------------------------------ generation
@@ -313,12 +366,20 @@ class Serving:
 
     @staticmethod
     def usage(prompt_tokens: int, finishes: list[FinishEvent | None]) -> dict:
-        completion = sum(f.completion_tokens for f in finishes if f is not None)
-        return {
+        done = [f for f in finishes if f is not None]
+        completion = sum(f.completion_tokens for f in done)
+        usage: dict = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
         }
+        predicted = [f for f in done if f.accepted_prediction_tokens is not None]
+        if predicted:  # predicted outputs, as OpenAI reports them
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": sum(f.accepted_prediction_tokens for f in predicted),
+                "rejected_prediction_tokens": sum(f.rejected_prediction_tokens for f in predicted),
+            }
+        return usage
 
     def log_details(
         self, request: Request, req: DiffusionParams, prompt_tokens: int, finishes: list[FinishEvent | None]
@@ -335,6 +396,19 @@ class Serving:
             passes=sum(f.passes for f in done),
             finish_reason=",".join(f.finish_reason for f in done) or "abort",
         )
+
+    @staticmethod
+    def draft(event: PassEvent, **extra) -> dict:
+        """A pass's `draft` object; fixed spans, candidate and hole only where they apply."""
+        return Draft(
+            canvas_index=event.canvas_index,
+            pass_index=event.pass_index,
+            text=event.draft_text or "",
+            accepted_fraction=round(event.accepted_fraction, 4),
+            mean_entropy=round(event.mean_entropy, 4),
+            fixed_spans=event.fixed_spans,
+            **extra,
+        ).model_dump(exclude_none=True)
 
     @staticmethod
     def stats(finish: FinishEvent) -> dict:
@@ -494,14 +568,7 @@ class Serving:
         async for index, event in self.merged_events(states):
             if isinstance(event, PassEvent):
                 if event.draft_text is not None:
-                    draft = Draft(
-                        canvas_index=event.canvas_index,
-                        pass_index=event.pass_index,
-                        text=event.draft_text,
-                        accepted_fraction=round(event.accepted_fraction, 4),
-                        mean_entropy=round(event.mean_entropy, 4),
-                    )
-                    yield chunk([choice(index, None, draft=draft.model_dump())])
+                    yield chunk([choice(index, None, draft=self.draft(event))])
             elif isinstance(event, CommitEvent):
                 deltas: list = parsers[index].feed(event.text) if chat else [event.text] if event.text else []
                 if event.logprobs:  # with the content of the canvas they belong to (even if its text is held)

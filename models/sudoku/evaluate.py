@@ -2,7 +2,10 @@
 
 Held-out puzzles come from grids generated with seeds the training never uses, each with a unique solution,
 bucketed by number of givens. Reports exact-solve rate per bucket, passes per canvas, tokens per forward and
-latency per puzzle (batch 1, this machine), at the checkpoint's defaults and at reasoning_effort low/medium/high.
+latency per puzzle (batch 1, this machine), at the checkpoint's defaults and at reasoning_effort low/medium/high,
+and with canvas constraints: the givens fixed in the canvas (an infill template of nine lines, givens fixed,
+blanks one-token holes), and a prediction that is the solution with k blank cells wrong (the canvases start
+from it).
 
     python -m models.sudoku.evaluate --model models/tiny-sudoku --ar models/sudoku/ar-baseline
 """
@@ -13,6 +16,7 @@ import argparse
 import json
 import random
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -53,8 +57,34 @@ def grid_of(text: str) -> str:
     return "".join(ch for ch in text if ch in "123456789")
 
 
+def givens_template(puzzle: str, tok, eos: int, fillers: set[int]):
+    """The answer as an infill template: givens and line breaks fixed, each blank a one-token hole."""
+    from engine.constraints import CanvasConstraints
+
+    ids = {ch: tok.convert_tokens_to_ids(ch) for ch in "123456789\n"}
+    segments: list = []
+    for i, ch in enumerate(puzzle):
+        segments.append(1 if ch == "." else [ids[ch]])
+        if i % 9 == 8 and i < 80:
+            segments.append([ids["\n"]])
+    return CanvasConstraints.template(segments, eos, fillers)
+
+
+def wrong_prediction(puzzle: str, solution: str, k: int, seed: int) -> str:
+    """The solution with k of the puzzle's blank cells changed to another digit, as answer lines."""
+    rng = random.Random(seed)
+    cells = list(solution)
+    blanks = [i for i, ch in enumerate(puzzle) if ch == "."]
+    for i in rng.sample(blanks, min(k, len(blanks))):
+        cells[i] = rng.choice([d for d in "123456789" if d != cells[i]])
+    return puzzles.to_lines("".join(cells))
+
+
 def eval_diffusion(path: str, items, effort: str | None, batch: int = 32) -> dict:
+    """`effort`: None (the checkpoint's defaults), greedy, low/medium/high (reasoning_effort), fixed (givens
+    fixed in the canvas) or predictK (canvases start from the solution with K blank cells wrong)."""
     from engine.config import EngineConfig
+    from engine.constraints import CanvasConstraints
     from engine.engine import LLMEngine
     from engine.events import FinishEvent
     from engine.sampling_params import REASONING_EFFORT_PRESETS
@@ -62,8 +92,22 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32) -> dic
     engine = LLMEngine(EngineConfig(model=path, max_num_seqs=batch))
     tok = engine.tokenizer
     params = engine.defaults.with_changes(max_tokens=engine.canvas_length, seed=0, include_drafts=False)
+    eos = engine.defaults.eos_token_ids[0]
+    fillers = {eos, engine.loaded.model.config.get_text_config().pad_token_id}
+    constraints = None
     if effort == "greedy":
         params = params.with_changes(t_min=0.0, t_max=0.0)  # what `temperature: 0` asks for over the API
+    elif effort == "fixed":
+
+        def constraints(p, s):
+            return givens_template(p, tok, eos, fillers)
+
+    elif effort and effort.startswith("predict"):
+        k = int(effort.removeprefix("predict"))
+
+        def constraints(p, s):
+            text = wrong_prediction(p, s, k, seed=zlib.crc32(p.encode()))
+            return CanvasConstraints.prediction(list(tok(text, add_special_tokens=False)["input_ids"]), eos)
     elif effort:
         params = params.with_changes(**REASONING_EFFORT_PRESETS[effort])
 
@@ -74,8 +118,8 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32) -> dic
     def run(subset) -> list:
         finishes: dict[str, FinishEvent] = {}
         states = []
-        for p, _ in subset:
-            s = engine.make_request(prompt(p), params)
+        for p, solution in subset:
+            s = engine.make_request(prompt(p), params, constraints=constraints(p, solution) if constraints else None)
             states.append(s)
             engine.add_request(s)
         while engine.has_unfinished():
@@ -158,7 +202,8 @@ def main() -> None:
     ap.add_argument(
         "--configs",
         default="defaults,greedy,low,medium,high",
-        help="comma-separated diffusion settings to evaluate: defaults, greedy (temperature 0), low, medium, high",
+        help="comma-separated diffusion settings to evaluate: defaults, greedy (temperature 0), low, medium, high, "
+        "fixed (givens fixed in the canvas), predictK (a prediction with K blank cells wrong, e.g. predict5)",
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="where to write eval.json/eval.md (default: the model dir)")
@@ -169,8 +214,13 @@ def main() -> None:
     rows = {}
     for name in args.configs.split(","):
         effort = None if name == "defaults" else name
-        label = {None: "defaults", "greedy": "temperature 0"}.get(effort, f"reasoning_effort {effort}")
-        subset = items if effort in (None, "greedy") else limit_per_bucket(items, args.effort_limit)
+        label = {None: "defaults", "greedy": "temperature 0", "fixed": "givens fixed in the canvas"}.get(
+            effort, f"reasoning_effort {effort}"
+        )
+        if effort and effort.startswith("predict"):
+            label = f"prediction with {effort.removeprefix('predict')} cells wrong"
+        full = effort in (None, "greedy", "fixed") or effort.startswith("predict")
+        subset = items if full else limit_per_bucket(items, args.effort_limit)
         rows[f"diffusion ({label}), {len(subset)} puzzles"] = eval_diffusion(args.model, subset, effort, batch=64)
         print(rows, flush=True)
     if args.ar:
@@ -192,6 +242,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     out = Path(args.out or args.model)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "eval.md").write_text(table + "\n")
 

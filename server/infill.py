@@ -1,0 +1,263 @@
+"""Canvas constraints from requests: infill templates (`infill`), predicted outputs (`prediction`) and
+fill-in-the-middle (`suffix` on /v1/completions, llama.cpp's /infill), and picking a middle among candidate
+lengths.
+
+Fill-in-the-middle does not know the middle's length. Each choice is denoised as several rows of the same
+batched passes, one per candidate length: the template is [a hole of that length, the suffix fixed], and the
+winner is the candidate whose hole the model filled most confidently (the highest mean log-probability of the
+tokens it committed in the hole, fillers included: a model that leaves a hole short says so with confident
+filler). See the README's Fill-in-the-middle section for the measurement behind the default lengths.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from sse_starlette.sse import EventSourceResponse
+
+from engine.constraints import CanvasConstraints
+from engine.events import CommitEvent, FinishEvent, PassEvent
+from engine.request import DenoiseState
+from server.chat import join_text_parts
+from server.errors import APIError, bad_request
+from server.protocol import Infill, Prediction
+
+MAX_CANDIDATES = 4
+
+
+@dataclass
+class Variant:
+    """One row per choice: its constraints, the max_tokens they need, and the hole length (fill-in-the-middle)."""
+
+    constraints: CanvasConstraints
+    max_tokens: int | None = None
+    hole: int | None = None
+
+
+def default_middle_lengths(max_middle: int) -> list[int]:
+    """max_tokens, then halves: up to four candidate lengths, longest first."""
+    lengths: list[int] = []
+    n = max_middle
+    while n >= 1 and len(lengths) < MAX_CANDIDATES:
+        lengths.append(n)
+        n //= 2
+    return lengths
+
+
+class CanvasRequests:
+    """Translates request fields into engine canvas constraints for one loaded model."""
+
+    def __init__(self, engine) -> None:
+        self.tokenizer = engine.tokenizer
+        eos = list(engine.defaults.eos_token_ids)
+        pad = engine.loaded.model.config.get_text_config().pad_token_id
+        self.eos = eos[0] if eos else None
+        self.fillers = {t for t in [pad, *eos] if t is not None}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def template(self, spec: Infill) -> Variant:
+        segments: list[list[int] | int] = []
+        for i, seg in enumerate(spec.template):
+            if isinstance(seg, str):
+                ids = self.encode(seg)
+                if ids:
+                    segments.append(ids)
+            elif isinstance(seg, dict) and set(seg) == {"hole"}:
+                n = seg["hole"]
+                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                    raise bad_request(
+                        f"A hole is a whole number of tokens, at least 1 (got {n!r}).",
+                        param=f"infill.template[{i}].hole",
+                    )
+                segments.append(n)
+            else:
+                raise bad_request(
+                    'A template segment is a string (fixed text) or {"hole": N} (up to N tokens to fill).',
+                    param=f"infill.template[{i}]",
+                )
+        if not segments:
+            raise bad_request("The template has no tokens: give it text or holes.", param="infill.template")
+        constraints = CanvasConstraints.template(segments, self.eos, self.fillers)
+        return Variant(constraints, max_tokens=constraints.end)
+
+    def prediction(self, spec: Prediction) -> Variant | None:
+        if isinstance(spec.content, str):
+            text = spec.content
+        else:
+            text = join_text_parts(spec.content, "prediction.content", "")
+        tokens = self.encode(text)
+        return Variant(CanvasConstraints.prediction(tokens, self.eos)) if tokens else None
+
+    def middles(self, suffix: str, max_middle: int, lengths: list[int] | None) -> list[Variant]:
+        """One variant per candidate middle length: [hole, suffix fixed]."""
+        suffix_ids = self.encode(suffix)
+        out = []
+        for n in sorted(set(lengths or default_middle_lengths(max_middle)), reverse=True):
+            segments: list[list[int] | int] = [n, suffix_ids] if suffix_ids else [n]
+            constraints = CanvasConstraints.template(segments, self.eos, self.fillers)
+            out.append(Variant(constraints, max_tokens=constraints.end, hole=n))
+        return out
+
+
+# ------------------------------------------------------------------ picking a middle
+
+
+@dataclass
+class Middle:
+    """The winning candidate of one choice: its middle's text and tokens, and how it ended."""
+
+    text: str
+    tokens: int
+    finish: FinishEvent
+    candidate: int
+    hole: int | None
+    logprobs: list
+    stopped_by: str = ""  # the stop string that cut the middle, if one did
+
+
+def pick(group: list[tuple[DenoiseState, FinishEvent, list]], variants: list[Variant], tokenizer, stop) -> Middle:
+    """The most confident candidate (ties: the longer hole); its middle is the answer without the suffix."""
+    best = max(
+        range(len(group)),
+        key=lambda i: (group[i][1].template_logprob if group[i][1].template_logprob is not None else float("-inf"), -i),
+    )
+    state, finish, logprobs = group[best]
+    fixed = finish.fixed_tokens or 0
+    ids = state.answer_ids[: len(state.answer_ids) - fixed]  # the suffix's tokens come after the hole's
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    stopped_by = ""
+    for s in stop:  # stop strings apply to the middle: the earliest one cuts it
+        cut = text.find(s)
+        if cut != -1:
+            text, stopped_by = text[:cut], s
+    return Middle(text, len(ids), finish, best, variants[best].hole, logprobs[: len(ids)], stopped_by)
+
+
+def finish_reason(middle: Middle) -> str:
+    return "length" if middle.finish.finish_reason == "length" and not middle.stopped_by else "stop"
+
+
+class FillInTheMiddle:
+    """Runs a fill-in-the-middle request (k candidate rows per choice) and answers with the winners."""
+
+    def __init__(self, serving, req, states: list[DenoiseState], variants: list[Variant], prompt_tokens: int):
+        self.serving = serving
+        self.req = req
+        self.states = states
+        self.variants = variants
+        self.k = len(variants)
+        self.prompt_tokens = prompt_tokens
+        self.stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    def candidates(self, group: list[tuple[DenoiseState, FinishEvent, list]]) -> list[dict]:
+        return [
+            {"hole": v.hole, "template_logprob": f.template_logprob, "passes": f.passes}
+            for v, (_, f, _) in zip(self.variants, group, strict=True)
+        ]
+
+    def usage(self, middles: list[Middle]) -> dict:
+        completion = sum(m.tokens for m in middles)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    async def middles(self, request: Request) -> tuple[list[Middle], list[list[dict]]]:
+        results = await self.serving.collect(self.states, request)
+        middles, candidates = [], []
+        for g in range(0, len(self.states), self.k):
+            group = [(self.states[g + i], results[g + i].finish, results[g + i].logprobs) for i in range(self.k)]
+            middles.append(pick(group, self.variants, self.serving.tokenizer, self.stop))
+            candidates.append(self.candidates(group))
+        self.serving.log_details(request, self.req, self.prompt_tokens, [r.finish for r in results])
+        return middles, candidates
+
+    async def respond(self, request: Request) -> dict | EventSourceResponse:
+        if self.req.stream:
+            return EventSourceResponse(self.stream(request), sep="\n", ping=15, headers={"X-Accel-Buffering": "no"})
+        middles, candidates = await self.middles(request)
+        want_logprobs = self.req.logprobs is not None
+        choices = []
+        for i, (m, cands) in enumerate(zip(middles, candidates, strict=True)):
+            logprobs = self.serving.logprob_formatter.completion(m.logprobs, 0)[0] if want_logprobs else None
+            choices.append(
+                {
+                    "index": i,
+                    "text": m.text,
+                    "finish_reason": finish_reason(m),
+                    "logprobs": logprobs,
+                    "diffusion": {**self.serving.stats(m.finish), "candidates": cands, "chosen": m.candidate},
+                }
+            )
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.serving.model_name,
+            "choices": choices,
+            "usage": self.usage(middles),
+        }
+
+    async def stream(self, request: Request) -> AsyncIterator[dict]:
+        """Drafts of every candidate as they come (`draft.candidate`, `draft.hole`), then each choice's middle
+        in one chunk when its candidates are done, its finish, usage and [DONE]."""
+        from server.serving import RequestTimeout, _dump
+
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        want_logprobs = self.req.logprobs is not None
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+            body = {"id": cid, "object": "text_completion", "created": created, "model": self.serving.model_name,
+                    "choices": choices}  # fmt: skip
+            if include_usage:
+                body["usage"] = usage
+            return {"data": _dump(body)}
+
+        finishes: list[FinishEvent | None] = [None] * len(self.states)
+        logprobs: list[list] = [[] for _ in self.states]
+        middles: list[Middle | None] = [None] * (len(self.states) // self.k)
+        try:
+            async for index, event in self.serving.merged_events(self.states):
+                g, c = divmod(index, self.k)
+                if isinstance(event, PassEvent) and event.draft_text is not None:
+                    draft = self.serving.draft(event, candidate=c, hole=self.variants[c].hole)
+                    yield chunk([{"index": g, "text": "", "finish_reason": None, "logprobs": None, "draft": draft}])
+                elif isinstance(event, FinishEvent):
+                    finishes[index] = event
+                    if event.finish_reason == "error":
+                        raise APIError(500, f"Generation failed: {event.error}", type="server_error")
+                    if all(finishes[g * self.k + i] is not None for i in range(self.k)):
+                        group = [(self.states[g * self.k + i], finishes[g * self.k + i], logprobs[g * self.k + i])
+                                 for i in range(self.k)]  # fmt: skip
+                        m = middles[g] = pick(group, self.variants, self.serving.tokenizer, self.stop)
+                        lp = self.serving.logprob_formatter.completion(m.logprobs, 0)[0] if want_logprobs else None
+                        yield chunk([{"index": g, "text": m.text, "finish_reason": None, "logprobs": lp}])
+                        diffusion = {**self.serving.stats(m.finish), "candidates": self.candidates(group),
+                                     "chosen": m.candidate}  # fmt: skip
+                        yield chunk([{"index": g, "text": "", "finish_reason": finish_reason(m), "logprobs": None,
+                                      "diffusion": diffusion}])  # fmt: skip
+                elif isinstance(event, CommitEvent) and event.logprobs:
+                    logprobs[index].extend(event.logprobs)
+        except RequestTimeout:
+            err = {"message": f"The request did not finish within {self.serving.config.request_timeout:g} s.",
+                   "type": "timeout_error", "param": None, "code": "request_timeout"}  # fmt: skip
+            yield {"data": _dump({"error": err})}
+            yield {"data": "[DONE]"}
+            return
+        except APIError as exc:
+            yield {"data": _dump(exc.body())}
+            yield {"data": "[DONE]"}
+            return
+        finally:
+            self.serving.log_details(request, self.req, self.prompt_tokens, finishes)
+        if include_usage:
+            yield chunk([], self.usage([m for m in middles if m is not None]))
+        yield {"data": "[DONE]"}
