@@ -31,6 +31,9 @@ class EngineConfig:
     batch_invariant: bool = True
     # Prompt tokens encoded per engine step (chunked prefill), shared by all prefilling requests.
     prefill_chunk: int = 512
+    # Encoder keys and values of prompt prefixes kept for reuse across requests (automatic prefix caching),
+    # in tokens; 0 turns it off.
+    prefix_cache_tokens: int = 16384
     # Where built-in models (tiny-random) are materialised in Hugging Face layout.
     cache_dir: str | None = None
     # Name the API reports; None uses the model argument.

@@ -24,6 +24,7 @@ from engine.grammar import GrammarCompiler, GrammarConstraint
 from engine.loader import LoadedModel, load_model
 from engine.metrics import EngineMetrics
 from engine.model_runner import ModelRunner
+from engine.prefix_cache import PrefixCache
 from engine.request import DenoiseState, RequestStatus
 from engine.sampling_params import SamplingParams, SamplingParamsError
 from engine.scheduler import Scheduler
@@ -54,6 +55,7 @@ class LLMEngine:
         self.loaded = loaded or load_model(config)
         self.tokenizer = self.loaded.tokenizer
         self.runner = ModelRunner(self.loaded, batch_invariant=config.batch_invariant)
+        self.prefix_cache = PrefixCache(config.prefix_cache_tokens)
         self.scheduler = Scheduler(config.max_num_seqs)
         self.canvas_length = self.loaded.canvas_length
         self.vocab_size = self.loaded.vocab_size
@@ -172,16 +174,20 @@ class LLMEngine:
         A request's chunks always start at multiples of `prefill_chunk` of its own prompt, whoever else is
         prefilling, so its cache (and therefore its tokens) does not depend on the batch.
         """
-        budget = self.config.prefill_chunk
+        budget = size = self.config.prefill_chunk
         for state in list(self.scheduler.running):
             if state.status is not RequestStatus.PREFILLING:
                 continue
-            chunk = min(self.config.prefill_chunk, len(state.prompt_ids) - state.cached_len)
-            if chunk > budget and budget < self.config.prefill_chunk:
-                break  # keep FIFO order: the next request waits for the next step
             try:
+                if state.cache is None:  # first chunk: start from the longest cached prefix of the prompt
+                    self.metrics.prefix_lookup(len(state.prompt_ids), self.runner.start_cache(state, self.prefix_cache))
+                # Chunks end at multiples of `prefill_chunk` of the prompt, with or without a cached prefix.
+                chunk = min(size - state.cached_len % size, len(state.prompt_ids) - state.cached_len)
+                if chunk > budget and budget < size:
+                    break  # keep FIFO order: the next request waits for the next step
                 budget -= self.runner.prefill(state, chunk)
                 if state.cached_len == len(state.prompt_ids):
+                    self.runner.finish_prefill(state, self.prefix_cache)
                     state.status = RequestStatus.DENOISING
                     self.metrics.prefilled(state)
                     self._start_canvas(state)

@@ -44,6 +44,8 @@ class EngineMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens billed (each distinct prompt once).")
         self.generation_tokens = counter("generation_tokens", "Completion tokens returned to clients.")
         self.positions = counter("canvas_positions_evaluated", "Canvas positions the decoder evaluated.")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache (not encoded).")
         self._success = Counter(
             "press:request_success", "Finished requests by finish reason.", ["model_name", "finished_reason"],
             registry=r,
@@ -62,6 +64,10 @@ class EngineMetrics:
     def admitted(self, state: DenoiseState) -> None:
         state.admitted_at = time.monotonic()
         self.queue.observe(state.admitted_at - state.arrived_at)
+
+    def prefix_lookup(self, queried: int, hit: int) -> None:
+        self.prefix_queries.inc(queried)
+        self.prefix_hits.inc(hit)
 
     def prefilled(self, state: DenoiseState) -> None:
         if state.bills_prompt:

@@ -23,6 +23,7 @@ from transformers.models.diffusion_gemma.modeling_diffusion_gemma import Diffusi
 from engine import batch_invariance
 from engine.batch_invariance import RowPrefix
 from engine.loader import LoadedModel
+from engine.prefix_cache import PrefixCache, RecordingCache
 from engine.request import DenoiseState
 
 # transformers renamed the cache keyword from `past_key_values` (5.17) to `cache` (later 5.x); both are supported.
@@ -107,15 +108,32 @@ class ModelRunner:
         state.cached_len += n
 
     @torch.inference_mode()
+    def start_cache(self, state: DenoiseState, prefix_cache: PrefixCache) -> int:
+        """A request's empty encoder cache, holding the longest cached prefix of its prompt; returns how many
+        prompt positions that restored."""
+        config = self.model.config.get_text_config(decoder=True)
+        state.cache = RecordingCache(config=config) if prefix_cache.enabled else DynamicCache(config=config)
+        state.cached_len = PrefixCache.restore(
+            state.cache, prefix_cache.lookup(state.prompt_ids, len(state.prompt_ids))
+        )
+        state.prefix_hit = state.cached_len
+        return state.cached_len
+
+    @torch.inference_mode()
     def prefill(self, state: DenoiseState, max_tokens: int) -> int:
         """Encode up to `max_tokens` more prompt tokens (chunked prefill); returns how many were encoded."""
-        if state.cache is None:
+        if state.cache is None:  # no start_cache (callers that bypass the prefix cache)
             state.cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
             state.cached_len = 0
         chunk = state.prompt_ids[state.cached_len : state.cached_len + max_tokens]
         if chunk:
             self._encode(state, chunk)
         return len(chunk)
+
+    def finish_prefill(self, state: DenoiseState, prefix_cache: PrefixCache) -> None:
+        """The prompt is encoded: its blocks past the restored prefix go into the prefix cache."""
+        if isinstance(state.cache, RecordingCache):
+            prefix_cache.insert(state.prompt_ids, state.cache.take_recorded(), start=state.prefix_hit)
 
     @torch.inference_mode()
     def commit(self, rows: list[tuple[DenoiseState, torch.Tensor]]) -> None:

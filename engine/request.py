@@ -37,6 +37,7 @@ class DenoiseState:
     generator: torch.Generator | None = None
     cache: object | None = None  # the encoder KV cache (transformers Cache), prompt + committed canvases
     cached_len: int = 0  # positions held in the cache
+    prefix_hit: int = 0  # prompt positions restored from the prefix cache
     canvas_index: int = 0
     pass_index: int = 0  # passes done on the current canvas
     canvas: torch.Tensor | None = None  # current noisy canvas (canvas_length,)

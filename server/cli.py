@@ -24,6 +24,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="requests denoising at once (rows of a pass)")
     p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a slot before 503")
     p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens encoded per engine step")
+    p.add_argument("--prefix-cache-tokens", type=int, default=None,
+                   help="prompt-prefix tokens whose encoder cache is kept for reuse (0 = off)")  # fmt: skip
     p.add_argument("--batch-invariant", default=None, action=argparse.BooleanOptionalAction,
                    help="same tokens alone or batched (default on)")  # fmt: skip
     p.add_argument("--served-model-name", default=None, help="model name reported by the API")
