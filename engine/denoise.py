@@ -114,13 +114,19 @@ def is_stable(history: torch.Tensor, argmax_canvas: torch.Tensor) -> bool:
     return bool((history == argmax_canvas[None, :]).all())
 
 
+def stable_flag(history: torch.Tensor, argmax_canvas: torch.Tensor) -> torch.Tensor:
+    """`is_stable` as a 0-d bool tensor, without a host sync."""
+    return (history == argmax_canvas[None, :]).all()
+
+
 def push_history(history: torch.Tensor, argmax_canvas: torch.Tensor) -> torch.Tensor:
     if history.shape[0] == 0:
         return history
     return torch.cat([history[1:], argmax_canvas[None, :]], dim=0)
 
 
-def is_confident(entropy: torch.Tensor, confidence_threshold: float) -> bool:
+def is_confident(entropy: torch.Tensor, confidence_threshold: float) -> bool:  # the batched sampler compares
+    # each row's mean entropy with its threshold the same way
     """True when the mean entropy over the canvas is under the threshold."""
     return bool(entropy.mean() < confidence_threshold)
 

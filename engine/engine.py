@@ -219,7 +219,7 @@ class LLMEngine:
         try:
             # Rows are independent, but they sample on the engine thread: a thread pool made every later
             # forward ~4x slower on CPU (each calling thread brings its own OpenMP team to fight over the cores).
-            outcomes = [self._sample_row(state, logits[i]) for i, state in enumerate(rows)]
+            outcomes = self._sample_rows(rows, logits)
             # Rows keep self-conditioning in the model's dtype (a copy under bf16): let the fp32 batch go before
             # the commit pass runs.
             del logits
@@ -236,51 +236,82 @@ class LLMEngine:
             for state, event in events:
                 emit(state, event)
 
-    @torch.inference_mode()
     def _sample_row(self, state: DenoiseState, logits: torch.Tensor) -> PassOutcome:
-        """Schedule, propose, accept, renoise, stop check and self-conditioning for one row.
+        """One row's pass decisions (the batched sampler on a batch of one)."""
+        return self._sample_rows([state], logits[None])[0]
 
-        Touches only this row's tensors. `logits` is this row's slice of the batch's fp32 logits and is
-        scaled in place, so the only canvas x vocab fp32 tensor of the row stays the one the model produced.
+    @torch.inference_mode()
+    def _sample_rows(self, rows: list[DenoiseState], logits: torch.Tensor) -> list[PassOutcome]:
+        """Schedule, propose, accept, renoise, stop check and self-conditioning for every row of a pass.
+
+        The math that is the same for every row runs once over the batch (temperature scaling, argmax,
+        entropies, acceptance, the stop rule's statistics); what is a row's own runs per row: its random draws
+        (each row owns a generator), its grammar and canvas constraints. The host sees one copy per pass (the
+        argmax canvases and four numbers per row). `logits` is the batch's fp32 logits, scaled in place, so a
+        row's only canvas x vocab fp32 tensor stays the one the model produced.
         """
-        params = state.params
-        if params.greedy:
-            processed = logits
-        else:
-            steps_remaining = params.denoising_steps - state.pass_index
-            processed = logits.div_(
-                denoise.pass_temperature(steps_remaining, params.denoising_steps, params.t_min, params.t_max)
-            )
-        if state.constraints is not None:  # fixed positions: one-hot logits, so zero entropy and always accepted
-            if state.constraints.holes:
-                state.fixed_logprob = state.constraints.fixed_logprob(processed, state.canvas_index)
-            state.constraints.mask_logits(processed, state.canvas_index)
-        walk: list[int] = []
-        if state.grammar is not None and state.grammar.in_pass:
-            # The grammar's walk over this pass: masked logits everywhere it reached, so proposals, entropies
-            # and acceptance all see only what the grammar allows (a forced position has zero entropy).
-            walk = state.grammar.walk(processed, params.max_tokens - len(state.answer_ids))
-            state.grammar.mask_logits(processed, len(walk))
-        proposed = denoise.propose_canvas(processed, params.greedy, params.top_p, state.generator)
+        device = logits.device
+        temps = []
+        for state in rows:
+            params = state.params
+            if params.greedy:
+                temps.append(torch.ones((), dtype=torch.float32))
+            else:
+                steps_remaining = params.denoising_steps - state.pass_index
+                temps.append(
+                    denoise.pass_temperature(steps_remaining, params.denoising_steps, params.t_min, params.t_max)
+                )
+        processed = logits.div_(torch.stack(temps).to(device)[:, None, None])  # x / 1 is exact for greedy rows
+        walks: list[list[int]] = []
+        for i, state in enumerate(rows):
+            if state.constraints is not None:  # fixed positions: one-hot logits, so zero entropy and always accepted
+                if state.constraints.holes:
+                    state.fixed_logprob = state.constraints.fixed_logprob(processed[i], state.canvas_index)
+                state.constraints.mask_logits(processed[i], state.canvas_index)
+            walk: list[int] = []
+            if state.grammar is not None and state.grammar.in_pass:
+                # The grammar's walk over this pass: masked logits everywhere it reached, so proposals, entropies
+                # and acceptance all see only what the grammar allows (a forced position has zero entropy).
+                walk = state.grammar.walk(processed[i], state.params.max_tokens - len(state.answer_ids))
+                state.grammar.mask_logits(processed[i], len(walk))
+            walks.append(walk)
+        proposed = [
+            denoise.propose_canvas(processed[i], s.params.greedy, s.params.top_p, s.generator)
+            for i, s in enumerate(rows)
+        ]
         argmax_canvas = processed.argmax(dim=-1)
-        if walk:  # the walk is the argmax over the allowed tokens; ties go its way
-            argmax_canvas[: len(walk)] = torch.tensor(walk, device=argmax_canvas.device)
+        for i, walk in enumerate(walks):
+            if walk:  # the walk is the argmax over the allowed tokens; ties go its way
+                argmax_canvas[i, : len(walk)] = torch.tensor(walk, device=device)
         entropy = denoise.token_entropy(processed)
-        accepted = denoise.accept_mask(entropy, params.entropy_bound)
-        if state.constraints is not None:
-            accepted = state.constraints.force_accept(accepted, state.canvas_index)
-        state.canvas = denoise.renoise(state.canvas, proposed, accepted, self.vocab_size, state.generator)
-        stable = denoise.is_stable(state.history, argmax_canvas)
-        state.history = denoise.push_history(state.history, argmax_canvas)
-        state.self_conditioning = processed.to(self.runner.sc_dtype)
-        state.argmax_canvas = argmax_canvas
-        return PassOutcome(
-            argmax_ids=argmax_canvas.tolist(),
-            accepted=int(accepted.sum()),
-            mean_entropy=float(entropy.mean()),
-            stable=stable,
-            confident=denoise.is_confident(entropy, params.confidence_threshold),
-        )
+        bounds = torch.tensor([s.params.entropy_bound for s in rows], dtype=entropy.dtype, device=device)
+        accepted = denoise.accept_mask(entropy, bounds[:, None])
+        stable = []
+        for i, state in enumerate(rows):
+            row_accepted = accepted[i]
+            if state.constraints is not None:
+                row_accepted = accepted[i] = state.constraints.force_accept(row_accepted, state.canvas_index)
+            state.canvas = denoise.renoise(state.canvas, proposed[i], row_accepted, self.vocab_size, state.generator)
+            stable.append(denoise.stable_flag(state.history, argmax_canvas[i]))
+            state.history = denoise.push_history(state.history, argmax_canvas[i])
+            state.self_conditioning = processed[i].to(self.runner.sc_dtype)
+            state.argmax_canvas = argmax_canvas[i]
+        means = torch.stack([entropy[i].mean() for i in range(len(rows))])
+        thresholds = torch.tensor([s.params.confidence_threshold for s in rows], dtype=means.dtype, device=device)
+        stats = torch.stack(
+            [
+                accepted.sum(dim=-1).to(means.dtype),
+                means,
+                torch.stack(stable).to(means.dtype),
+                (means < thresholds).to(means.dtype),
+            ],
+            dim=1,
+        ).tolist()  # the pass's one copy to the host, with the argmax canvases below
+        ids = argmax_canvas.tolist()
+        return [
+            PassOutcome(argmax_ids=ids[i], accepted=int(a), mean_entropy=m, stable=bool(st), confident=bool(c))
+            for i, (a, m, st, c) in enumerate(stats)
+        ]
 
     def _after_pass(self, state: DenoiseState, outcome: PassOutcome, emit: Callable) -> bool:
         """Count the pass, report it, and settle the canvas when it is done (in row order). True when the
