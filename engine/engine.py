@@ -38,6 +38,7 @@ class PassOutcome:
 
     argmax_ids: list[int]
     accepted: int
+    accepted_mask: list[bool]
     mean_entropy: float
     stable: bool
     confident: bool
@@ -306,10 +307,10 @@ class LLMEngine:
                 (means < thresholds).to(means.dtype),
             ],
             dim=1,
-        ).tolist()  # the pass's one copy to the host, with the argmax canvases below
-        ids = argmax_canvas.tolist()
+        ).tolist()  # the pass's one copy to the host, with the argmax canvases and acceptance below
+        ids, masks = argmax_canvas.tolist(), accepted.tolist()
         return [
-            PassOutcome(argmax_ids=ids[i], accepted=int(a), mean_entropy=m, stable=bool(st), confident=bool(c))
+            PassOutcome(ids[i], int(a), masks[i], mean_entropy=m, stable=bool(st), confident=bool(c))
             for i, (a, m, st, c) in enumerate(stats)
         ]
 
@@ -326,6 +327,7 @@ class LLMEngine:
                 pass_index=state.pass_index - 1,
                 argmax_ids=outcome.argmax_ids,
                 accepted=outcome.accepted,
+                accepted_mask=outcome.accepted_mask,
                 canvas_length=self.canvas_length,
                 mean_entropy=outcome.mean_entropy,
                 **(self._draft(state, outcome.argmax_ids) if params.include_drafts else {}),
@@ -363,7 +365,7 @@ class LLMEngine:
                 spans.append((len(text), len(text) + len(piece)))
             text += piece
             start = stop
-        return {"draft_text": text, "fixed_spans": spans}
+        return {"draft_text": text, "fixed_spans": spans, "fixed_positions": fixed}
 
     # ------------------------------------------------------------ post-process
 

@@ -13,11 +13,13 @@ class PassEvent:
     pass_index: int
     argmax_ids: list[int]
     accepted: int
+    accepted_mask: list[bool]  # per canvas position: accepted in this pass
     canvas_length: int
     mean_entropy: float
     draft_text: str | None = None
     # Character spans [start, end) of `draft_text` that are fixed tokens (infill templates), when there are any.
     fixed_spans: list[tuple[int, int]] | None = None
+    fixed_positions: list[int] | None = None  # canvas positions a template fixed
 
     @property
     def accepted_fraction(self) -> float:

@@ -22,6 +22,7 @@ from server.errors import APIError, install_error_handlers
 from server.infill import FillInTheMiddle
 from server.llama_cpp import InfillRequest
 from server.middleware import RequestContext, ServerState
+from server.playground import install_playground
 from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -181,4 +182,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """llama.cpp's fill-in-the-middle endpoint (editor plugins)."""
         return await llama_cpp.infill(holder.require(), body, request)
 
+    if settings.server.playground:
+        install_playground(app)
     return app

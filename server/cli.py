@@ -46,6 +46,8 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-requests", default=None, action=argparse.BooleanOptionalAction,
                    help="one JSON log line per request (default on)")  # fmt: skip
     p.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    p.add_argument("--playground", default=None, action=argparse.BooleanOptionalAction,
+                   help="serve the browser playground at / (default on)")  # fmt: skip
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

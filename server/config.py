@@ -31,6 +31,8 @@ class ServerConfig:
     # One JSON line per request on the `press.requests` logger.
     log_requests: bool = True
     log_level: str = "info"
+    # The browser playground at GET / (static files in server/playground/).
+    playground: bool = True
 
 
 @dataclass

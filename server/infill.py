@@ -228,7 +228,8 @@ class FillInTheMiddle:
             async for index, event in self.serving.merged_events(self.states):
                 g, c = divmod(index, self.k)
                 if isinstance(event, PassEvent) and event.draft_text is not None:
-                    draft = self.serving.draft(event, candidate=c, hole=self.variants[c].hole)
+                    tokens = bool(self.req.stream_options and self.req.stream_options.include_draft_tokens)
+                    draft = self.serving.draft(event, tokens=tokens, candidate=c, hole=self.variants[c].hole)
                     yield chunk([{"index": g, "text": "", "finish_reason": None, "logprobs": None, "draft": draft}])
                 elif isinstance(event, FinishEvent):
                     finishes[index] = event

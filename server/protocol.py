@@ -18,6 +18,9 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
     # Press extension: one chunk per refinement pass carrying a `draft` object (default on).
     include_drafts: StrictBool = True
+    # Press extension: drafts also carry every canvas position's token text and whether this pass accepted it
+    # (what the playground draws as a grid of cells).
+    include_draft_tokens: StrictBool = False
 
 
 class JSONSchemaFormat(BaseModel):
@@ -215,6 +218,11 @@ class Draft(BaseModel):
     # Fill-in-the-middle: which candidate middle length this draft belongs to (see README, Fill-in-the-middle).
     candidate: int | None = None
     hole: int | None = None
+    # With stream_options.include_draft_tokens: per canvas position, the argmax token's text and whether this
+    # pass accepted it, and the positions a template fixed.
+    tokens: list[str] | None = None
+    accepted: list[int] | None = None
+    fixed: list[int] | None = None
 
 
 class DiffusionStats(BaseModel):

@@ -69,6 +69,7 @@ class Serving:
         self.logprob_formatter = LogprobFormatter(engine.engine)
         self.chat_format = ChatFormat(self.tokenizer, engine.engine.loaded.model.config.model_type)
         self.canvas_requests = CanvasRequests(engine.engine)
+        self._token_texts: dict[int, str] = {}
 
     # ------------------------------------------------------------ validation
 
@@ -397,9 +398,22 @@ class Serving:
             finish_reason=",".join(f.finish_reason for f in done) or "abort",
         )
 
-    @staticmethod
-    def draft(event: PassEvent, **extra) -> dict:
-        """A pass's `draft` object; fixed spans, candidate and hole only where they apply."""
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own (special tokens by name), cached per id."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def draft(self, event: PassEvent, tokens: bool = False, **extra) -> dict:
+        """A pass's `draft` object; fixed spans, candidate and hole only where they apply; per-position tokens
+        and acceptance when the client asked for them."""
+        if tokens:
+            extra.update(
+                tokens=[self.token_text(t) for t in event.argmax_ids],
+                accepted=[int(a) for a in event.accepted_mask],
+                fixed=event.fixed_positions or [],
+            )
         return Draft(
             canvas_index=event.canvas_index,
             pass_index=event.pass_index,
@@ -564,11 +578,12 @@ class Serving:
     async def _stream_events(self, req, states, parsers, finishes, chunk, choice) -> AsyncIterator[dict]:
         """`parsers`: one chat answer parser per choice (None for completions), turning text into deltas."""
         chat = parsers is not None
+        draft_tokens = bool(req.stream_options and req.stream_options.include_draft_tokens)
         offsets = [0] * len(states)  # completions' text_offset runs on across a choice's chunks
         async for index, event in self.merged_events(states):
             if isinstance(event, PassEvent):
                 if event.draft_text is not None:
-                    yield chunk([choice(index, None, draft=self.draft(event))])
+                    yield chunk([choice(index, None, draft=self.draft(event, tokens=draft_tokens))])
             elif isinstance(event, CommitEvent):
                 deltas: list = parsers[index].feed(event.text) if chat else [event.text] if event.text else []
                 if event.logprobs:  # with the content of the canvas they belong to (even if its text is held)
