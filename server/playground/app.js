@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const README_PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79";
+const README_PUZZLE = "5....7.46....5.2.....1...38.53781.6...9.6...38...3..1..37..86529.5...48.1.6542..7";
 // What tests (and the curious) can read: frames drawn, passes reported, the final text, errors.
 const play = (window.pressPlayground = { frames: 0, passes: 0, finished: false, text: "", error: null });
 let canvasLength = 0;
