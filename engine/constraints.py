@@ -112,13 +112,11 @@ class CanvasConstraints:
         chosen, _, _ = denoise.token_logprobs(logits[fixed[0]], fixed[1], 0)
         return float(chosen.sum()), int(fixed[0].shape[0])
 
-    def force_accept(self, accepted: torch.Tensor, canvas_index: int) -> torch.Tensor:
+    def force_accept_(self, accepted: torch.Tensor, canvas_index: int) -> None:
+        """Fixed positions count as accepted, in place."""
         fixed = self._canvas_fixed(canvas_index, accepted.shape[0], accepted.device)
-        if fixed is None:
-            return accepted
-        accepted = accepted.clone()
-        accepted[fixed[0]] = True
-        return accepted
+        if fixed is not None:
+            accepted[fixed[0]] = True
 
     # ------------------------------------------------------------------ answer
 
@@ -130,22 +128,19 @@ class CanvasConstraints:
         keep = [i for i in range(stop) if not (lo + i in self.holes and canvas_ids[i] in self.fillers)]
         return keep, self.end is not None and self.end <= lo + len(canvas_ids)
 
-    def hole_positions(self, canvas_index: int, length: int) -> list[int]:
-        lo = canvas_index * length
-        return [i for i in range(length) if lo + i in self.holes]
+    def hole_logprob(self, logits: torch.Tensor, canvas_index: int, canvas_ids: list[int]) -> tuple[float, int]:
+        """Sum and count of the log-probabilities, under `logits`, of the tokens committed in this canvas's holes."""
+        lo = canvas_index * len(canvas_ids)
+        positions = [i for i in range(len(canvas_ids)) if lo + i in self.holes]
+        if not positions:
+            return 0.0, 0
+        index = torch.tensor(positions, dtype=torch.long, device=logits.device)
+        ids = torch.tensor([canvas_ids[p] for p in positions], dtype=torch.long, device=logits.device)
+        chosen, _, _ = denoise.token_logprobs(logits[index], ids, 0)
+        return float(chosen.sum()), len(positions)
 
     def accepted_prediction(self, canvas_index: int, length: int, positions: list[int], tokens: list[int]) -> int:
         """Predicted tokens the committed answer kept at their positions (EOS after the prediction not counted)."""
         lo = canvas_index * length
         n = self.predicted
         return sum(1 for p, t in zip(positions, tokens, strict=True) if lo + p < n and self.initial[lo + p] == t)
-
-
-def template_logprob(logits: torch.Tensor, canvas_ids: list[int], positions: list[int]) -> tuple[float, int]:
-    """Sum and count of the log-probabilities of the committed tokens at `positions` (a confidence score)."""
-    if not positions:
-        return 0.0, 0
-    index = torch.tensor(positions, dtype=torch.long, device=logits.device)
-    ids = torch.tensor([canvas_ids[p] for p in positions], dtype=torch.long, device=logits.device)
-    chosen, _, _ = denoise.token_logprobs(logits[index], ids, 0)
-    return float(chosen.sum()), len(positions)

@@ -105,17 +105,13 @@ def renoise(
     return torch.where(~accepted, noise, accepted_canvas)
 
 
-def is_stable(history: torch.Tensor, argmax_canvas: torch.Tensor) -> bool:
-    """True when the argmax canvas equals each of the last `len(history)` argmax canvases.
+def stable_flag(history: torch.Tensor, argmax_canvas: torch.Tensor) -> torch.Tensor:
+    """True (a 0-d bool tensor, no host sync) when the argmax canvas equals each of the last `len(history)`
+    argmax canvases.
 
     `history` is (stability_threshold, canvas_length), filled with -1 before any pass; with a threshold of
     0 it is empty and the canvas counts as stable.
     """
-    return bool((history == argmax_canvas[None, :]).all())
-
-
-def stable_flag(history: torch.Tensor, argmax_canvas: torch.Tensor) -> torch.Tensor:
-    """`is_stable` as a 0-d bool tensor, without a host sync."""
     return (history == argmax_canvas[None, :]).all()
 
 
@@ -125,10 +121,9 @@ def push_history(history: torch.Tensor, argmax_canvas: torch.Tensor) -> torch.Te
     return torch.cat([history[1:], argmax_canvas[None, :]], dim=0)
 
 
-def is_confident(entropy: torch.Tensor, confidence_threshold: float) -> bool:  # the batched sampler compares
-    # each row's mean entropy with its threshold the same way
-    """True when the mean entropy over the canvas is under the threshold."""
-    return bool(entropy.mean() < confidence_threshold)
+def confident_flags(mean_entropy: torch.Tensor, confidence_threshold: torch.Tensor) -> torch.Tensor:
+    """True where a canvas's mean entropy is under its threshold (element-wise over rows)."""
+    return mean_entropy < confidence_threshold
 
 
 def token_logprobs(

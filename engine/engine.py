@@ -17,7 +17,7 @@ import torch
 
 from engine import denoise
 from engine.config import EngineConfig
-from engine.constraints import CanvasConstraints, template_logprob
+from engine.constraints import CanvasConstraints
 from engine.detokenizer import TextStream
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent, TokenLogprob
 from engine.grammar import GrammarCompiler, GrammarConstraint
@@ -289,10 +289,9 @@ class LLMEngine:
         accepted = denoise.accept_mask(entropy, bounds[:, None])
         stable = []
         for i, state in enumerate(rows):
-            row_accepted = accepted[i]
             if state.constraints is not None:
-                row_accepted = accepted[i] = state.constraints.force_accept(row_accepted, state.canvas_index)
-            state.canvas = denoise.renoise(state.canvas, proposed[i], row_accepted, self.vocab_size, state.generator)
+                state.constraints.force_accept_(accepted[i], state.canvas_index)
+            state.canvas = denoise.renoise(state.canvas, proposed[i], accepted[i], self.vocab_size, state.generator)
             stable.append(denoise.stable_flag(state.history, argmax_canvas[i]))
             state.history = denoise.push_history(state.history, argmax_canvas[i])
             state.self_conditioning = processed[i].to(self.runner.sc_dtype)
@@ -304,7 +303,7 @@ class LLMEngine:
                 accepted.sum(dim=-1).to(means.dtype),
                 means,
                 torch.stack(stable).to(means.dtype),
-                (means < thresholds).to(means.dtype),
+                denoise.confident_flags(means, thresholds).to(means.dtype),
             ],
             dim=1,
         ).tolist()  # the pass's one copy to the host, with the argmax canvases and acceptance below
@@ -377,10 +376,11 @@ class LLMEngine:
         positions = list(range(len(canvas_ids)))  # canvas position of each answer candidate token
         template_ends = False
         c = state.constraints
+        fixed = c.fixed if c is not None else {}  # by answer position; this canvas starts at `lo`
+        lo = state.canvas_index * self.canvas_length
         if c is not None:
             if c.holes:
-                holes = c.hole_positions(state.canvas_index, len(canvas_ids))
-                total, count = template_logprob(state.self_conditioning, canvas_ids, holes)
+                total, count = c.hole_logprob(state.self_conditioning, state.canvas_index, canvas_ids)
                 state.template_logprob += total + state.fixed_logprob[0]
                 state.template_tokens += count + state.fixed_logprob[1]
             positions, template_ends = c.answer_positions(state.canvas_index, canvas_ids)
@@ -391,8 +391,6 @@ class LLMEngine:
         pad = self.loaded.model.config.get_text_config().pad_token_id
         # tokens_per_forward as transformers defines it: denoised tokens up to EOS, pads excluded (and tokens a
         # template fixed, which were never denoised).
-        fixed = c.fixed if c is not None else {}
-        lo = state.canvas_index * self.canvas_length
         state.denoised_tokens += sum(
             1 for p, t in zip(positions, kept, strict=False) if t != pad and lo + p not in fixed
         )
@@ -416,9 +414,8 @@ class LLMEngine:
             state.answer_ids = list(state.text.token_ids)
             answer = state.answer_ids[before:]
         positions = positions[: len(answer)]
-        if c is not None and c.fixed:
-            lo = state.canvas_index * self.canvas_length
-            state.fixed_answer_tokens += sum(1 for p in positions if lo + p in c.fixed)
+        if fixed:
+            state.fixed_answer_tokens += sum(1 for p in positions if lo + p in fixed)
         if c is not None and c.predicted:
             state.accepted_prediction_tokens += c.accepted_prediction(
                 state.canvas_index, self.canvas_length, positions, answer

@@ -56,23 +56,31 @@ def test_renoise_keeps_accepted_and_redraws_the_rest():
     assert torch.equal(out, denoise.renoise(current, proposed, accepted, 50, g2))
 
 
+def stable(history: torch.Tensor, argmax_canvas: torch.Tensor) -> bool:
+    return bool(denoise.stable_flag(history, argmax_canvas))
+
+
+def confident(entropy: torch.Tensor, threshold: float) -> bool:
+    return bool(denoise.confident_flags(entropy.mean(), torch.tensor(threshold)))
+
+
 def test_stop_rule_needs_stable_and_confident():
     a = torch.tensor([1, 2, 3])
     history = torch.full((1, 3), -1)
-    assert not denoise.is_stable(history, a)
+    assert not stable(history, a)
     history = denoise.push_history(history, a)
-    assert denoise.is_stable(history, a)
-    assert not denoise.is_stable(history, torch.tensor([1, 2, 4]))
+    assert stable(history, a)
+    assert not stable(history, torch.tensor([1, 2, 4]))
     # Threshold 0: always stable.
-    assert denoise.is_stable(torch.empty((0, 3), dtype=torch.long), a)
+    assert stable(torch.empty((0, 3), dtype=torch.long), a)
     # Threshold 2 needs two equal predecessors.
     h2 = torch.full((2, 3), -1)
     h2 = denoise.push_history(h2, a)
-    assert not denoise.is_stable(h2, a)
+    assert not stable(h2, a)
     h2 = denoise.push_history(h2, a)
-    assert denoise.is_stable(h2, a)
-    assert denoise.is_confident(torch.tensor([0.001, 0.002]), 0.005)
-    assert not denoise.is_confident(torch.tensor([0.001, 0.02]), 0.005)
+    assert stable(h2, a)
+    assert confident(torch.tensor([0.001, 0.002]), 0.005)
+    assert not confident(torch.tensor([0.001, 0.02]), 0.005)
 
 
 def test_greedy_proposal_is_argmax_and_draws_nothing():
