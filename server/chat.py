@@ -129,10 +129,16 @@ class ChatFormat:
             out.append(message)
         return out
 
+    @staticmethod
+    def declared_tools(req: ChatCompletionRequest) -> list[dict] | None:
+        """The tools the prompt declares and an answer's calls are typed against (their parameter schemas cast
+        the arguments); none with `tool_choice: "none"`."""
+        if not req.tools or req.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in req.tools]
+
     def prompt(self, req: ChatCompletionRequest) -> str:
-        tools = (
-            [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
-        )
+        tools = self.declared_tools(req)
         kwargs = dict(req.chat_template_kwargs or {})
         messages = self.messages(req)
         try:

@@ -46,6 +46,21 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+class RequestTimeout(Exception):
+    """A request ran past the server's request_timeout (raised while its events are awaited)."""
+
+
+def timeout_error(seconds: float) -> APIError:
+    return APIError(
+        504, f"The request did not finish within {seconds:g} s.", type="timeout_error", code="request_timeout"
+    )
+
+
+def engine_error(detail: str | None) -> APIError:
+    """A generation that failed in the engine (the server keeps serving)."""
+    return APIError(500, f"Generation failed: {detail}", type="server_error", code="engine_error")
+
+
 def _param_of(loc: tuple) -> str | None:
     # Drop the "body" root and pydantic's union-branch labels such as "str" or "list[int]".
     parts = [str(p) for p in loc if p != "body"]

@@ -23,8 +23,9 @@ from engine.constraints import CanvasConstraints
 from engine.events import CommitEvent, FinishEvent, PassEvent
 from engine.request import DenoiseState
 from server.chat import join_text_parts
-from server.errors import APIError, bad_request
+from server.errors import APIError, RequestTimeout, bad_request, engine_error, timeout_error
 from server.protocol import Infill, Prediction
+from server.sse import dump
 
 MAX_CANDIDATES = 4
 
@@ -208,18 +209,17 @@ class FillInTheMiddle:
     async def stream(self, request: Request) -> AsyncIterator[dict]:
         """Drafts of every candidate as they come (`draft.candidate`, `draft.hole`), then each choice's middle
         in one chunk when its candidates are done, its finish, usage and [DONE]."""
-        from server.serving import RequestTimeout, _dump
-
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
         want_logprobs = self.req.logprobs is not None
+        tokens = bool(self.req.stream_options and self.req.stream_options.include_draft_tokens)
 
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             body = {"id": cid, "object": "text_completion", "created": created, "model": self.serving.model_name,
                     "choices": choices}  # fmt: skip
             if include_usage:
                 body["usage"] = usage
-            return {"data": _dump(body)}
+            return {"data": dump(body)}
 
         finishes: list[FinishEvent | None] = [None] * len(self.states)
         logprobs: list[list] = [[] for _ in self.states]
@@ -228,13 +228,12 @@ class FillInTheMiddle:
             async for index, event in self.serving.merged_events(self.states):
                 g, c = divmod(index, self.k)
                 if isinstance(event, PassEvent) and event.draft_text is not None:
-                    tokens = bool(self.req.stream_options and self.req.stream_options.include_draft_tokens)
                     draft = self.serving.draft(event, tokens=tokens, candidate=c, hole=self.variants[c].hole)
                     yield chunk([{"index": g, "text": "", "finish_reason": None, "logprobs": None, "draft": draft}])
                 elif isinstance(event, FinishEvent):
                     finishes[index] = event
                     if event.finish_reason == "error":
-                        raise APIError(500, f"Generation failed: {event.error}", type="server_error")
+                        raise engine_error(event.error)
                     if all(finishes[g * self.k + i] is not None for i in range(self.k)):
                         group = [(self.states[g * self.k + i], finishes[g * self.k + i], logprobs[g * self.k + i])
                                  for i in range(self.k)]  # fmt: skip
@@ -248,13 +247,11 @@ class FillInTheMiddle:
                 elif isinstance(event, CommitEvent) and event.logprobs:
                     logprobs[index].extend(event.logprobs)
         except RequestTimeout:
-            err = {"message": f"The request did not finish within {self.serving.config.request_timeout:g} s.",
-                   "type": "timeout_error", "param": None, "code": "request_timeout"}  # fmt: skip
-            yield {"data": _dump({"error": err})}
+            yield {"data": dump(timeout_error(self.serving.config.request_timeout).body())}
             yield {"data": "[DONE]"}
             return
         except APIError as exc:
-            yield {"data": _dump(exc.body())}
+            yield {"data": dump(exc.body())}
             yield {"data": "[DONE]"}
             return
         finally:

@@ -7,7 +7,6 @@ in the shape of a choice, so those are the two places they branch.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from engine.request import DenoiseState
 from engine.sampling_params import REASONING_EFFORT_PRESETS, SamplingParams, SamplingParamsError
 from server.chat import ChatFormat, ParsedAnswer
 from server.config import ServerConfig
-from server.errors import APIError, bad_request
+from server.errors import APIError, RequestTimeout, bad_request, engine_error, timeout_error
 from server.infill import CanvasRequests, Variant
 from server.logprobs import LogprobFormatter
 from server.protocol import (
@@ -33,6 +32,7 @@ from server.protocol import (
     DiffusionStats,
     Draft,
 )
+from server.sse import dump
 
 MAX_CHOICES = 64
 
@@ -42,19 +42,6 @@ class ChoiceResult:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: FinishEvent | None = None
-
-
-# Unicode line boundaries that JSON leaves raw but line-splitting clients (httpx's iter_lines, str.splitlines)
-# break an SSE event on; escaped, a random-token draft cannot split its own event.
-_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
-
-
-def _dump(obj: dict) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKS)
-
-
-class RequestTimeout(Exception):
-    pass
 
 
 class Serving:
@@ -93,35 +80,28 @@ class Serving:
             if req.top_logprobs is not None and not req.logprobs:
                 raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
             names = [t.function.name for t in req.tools or []]
-            if req.tool_choice not in (None, "none", "auto") and not names:
+            forced_call = req.tool_choice not in (None, "none", "auto")
+            if forced_call and not names:
                 raise bad_request("'tool_choice' needs 'tools' to choose from.", param="tool_choice")
+            if forced_call and req.infill is not None:
+                raise bad_request("An 'infill' template cannot be combined with a forced tool call.", param="infill")
             choice = req.tool_choice
             if choice is not None and not isinstance(choice, str) and choice.function.name not in names:
                 raise bad_request(
                     f"'tool_choice' names the function '{choice.function.name}', which is not among 'tools'.",
                     param="tool_choice.function.name",
                 )
+        structured = req.response_format is not None or req.structured_outputs is not None
         if req.infill is not None and req.prediction is not None:
             raise bad_request("'prediction' cannot be combined with an 'infill' template.", param="prediction")
-        if req.infill is not None and (req.response_format is not None or req.structured_outputs is not None):
+        if req.infill is not None and structured:
             raise bad_request("An 'infill' template cannot be combined with structured outputs.", param="infill")
-        if (
-            isinstance(req, ChatCompletionRequest)
-            and req.infill is not None
-            and req.tool_choice
-            not in (
-                None,
-                "none",
-                "auto",
-            )
-        ):
-            raise bad_request("An 'infill' template cannot be combined with a forced tool call.", param="infill")
         if isinstance(req, CompletionRequest):
             if req.echo:
                 raise bad_request("'echo' is not supported by this diffusion server.", param="echo")
             if req.suffix is not None and req.infill is not None:
                 raise bad_request("'suffix' and 'infill' both shape the answer; send one.", param="suffix")
-            if req.suffix is not None and (req.response_format is not None or req.structured_outputs is not None):
+            if req.suffix is not None and structured:
                 raise bad_request("'suffix' cannot be combined with structured outputs.", param="suffix")
             if req.middle_lengths is not None and req.suffix is None:
                 raise bad_request("'middle_lengths' applies to 'suffix' requests only.", param="middle_lengths")
@@ -354,15 +334,10 @@ class Serving:
         try:
             work.result()
         except RequestTimeout:
-            raise APIError(
-                504,
-                f"The request did not finish within {self.config.request_timeout:g} s.",
-                type="timeout_error",
-                code="request_timeout",
-            ) from None
+            raise timeout_error(self.config.request_timeout) from None
         for r in results:
             if r.finish is not None and r.finish.finish_reason == "error":
-                raise APIError(500, f"Generation failed: {r.finish.error}", type="server_error", code="engine_error")
+                raise engine_error(r.finish.error)
         return results
 
     @staticmethod
@@ -432,13 +407,6 @@ class Serving:
 
     # ------------------------------------------------------------- responses
 
-    @staticmethod
-    def chat_tools(req: DiffusionParams) -> list[dict] | None:
-        """The tools an answer's calls are typed against (their parameter schemas cast the arguments)."""
-        if not isinstance(req, ChatCompletionRequest) or not req.tools or req.tool_choice == "none":
-            return None
-        return [t.model_dump(exclude_none=True) for t in req.tools]
-
     def chat_message(self, parsed: ParsedAnswer) -> dict:
         message: dict = {"role": "assistant", "content": parsed.content, "refusal": None}
         if parsed.tool_calls:
@@ -479,7 +447,7 @@ class Serving:
                 fmt = self.logprob_formatter
                 logprobs = fmt.chat(r.logprobs) if chat else fmt.completion(r.logprobs, 0)[0]
             if chat:
-                parsed = self.chat_format.parse(text, prompt_text, self.chat_tools(req))
+                parsed = self.chat_format.parse(text, prompt_text, self.chat_format.declared_tools(req))
                 if parsed.tool_calls and reason == "stop":
                     reason = "tool_calls"
                 choices.append(
@@ -534,7 +502,7 @@ class Serving:
             }
             if include_usage:
                 body["usage"] = usage if final_usage else None
-            return {"data": _dump(body)}
+            return {"data": dump(body)}
 
         def choice(index: int, content: str | dict | None, finish: str | None = None, **extra: object) -> dict:
             """A chat choice's delta is `content` as text, or a whole delta dict (reasoning, tool calls)."""
@@ -558,13 +526,15 @@ class Serving:
                 )
         finishes: list[FinishEvent | None] = [None] * len(states)
         try:
-            parsers = [self.chat_format.stream(prompt_text, self.chat_tools(req)) for _ in states] if chat else None
+            parsers = (
+                [self.chat_format.stream(prompt_text, self.chat_format.declared_tools(req)) for _ in states]
+                if chat
+                else None
+            )
             async for item in self._stream_events(req, states, parsers, finishes, chunk, choice):
                 yield item
         except RequestTimeout:
-            err = {"message": f"The request did not finish within {self.config.request_timeout:g} s.",
-                   "type": "timeout_error", "param": None, "code": "request_timeout"}  # fmt: skip
-            yield {"data": _dump({"error": err})}
+            yield {"data": dump(timeout_error(self.config.request_timeout).body())}
             yield {"data": "[DONE]"}
             return
         finally:
@@ -598,13 +568,7 @@ class Serving:
             elif isinstance(event, FinishEvent):
                 finishes[index] = event
                 if event.finish_reason == "error":
-                    err = {
-                        "message": f"Generation failed: {event.error}",
-                        "type": "server_error",
-                        "param": None,
-                        "code": "engine_error",
-                    }
-                    yield {"data": _dump({"error": err})}
+                    yield {"data": dump(engine_error(event.error).body())}
                     yield {"data": "[DONE]"}
                     return
                 reason = event.finish_reason

@@ -311,9 +311,9 @@ def test_ignore_eos_runs_to_max_tokens(client):
 def test_sse_payloads_survive_line_splitting_clients():
     # A random-token draft may decode to U+2028 or NEL, which JSON leaves raw; httpx's iter_lines (and
     # str.splitlines) would split the event there. The payload must stay one line and decode to the same text.
-    from server.serving import _dump
+    from server.sse import dump
 
     text = "a\u2028b\x85c\u2029d\r\ne"
-    payload = _dump({"draft": {"text": text}})
+    payload = dump({"draft": {"text": text}})
     assert len(httpx._decoders.LineDecoder().decode(payload + "\n")) == 1
     assert json.loads(payload)["draft"]["text"] == text
