@@ -111,11 +111,9 @@ class ModelRunner:
     def start_cache(self, state: DenoiseState, prefix_cache: PrefixCache) -> int:
         """A request's empty encoder cache, holding the longest cached prefix of its prompt; returns how many
         prompt positions that restored."""
-        config = self.model.config.get_text_config(decoder=True)
-        state.cache = RecordingCache(config=config) if prefix_cache.enabled else DynamicCache(config=config)
-        state.cached_len = PrefixCache.restore(
-            state.cache, prefix_cache.lookup(state.prompt_ids, len(state.prompt_ids))
-        )
+        cache_class = RecordingCache if prefix_cache.enabled else DynamicCache
+        state.cache = cache_class(config=self.model.config.get_text_config(decoder=True))
+        state.cached_len = PrefixCache.restore(state.cache, prefix_cache.lookup(state.prompt_ids))
         state.prefix_hit = state.cached_len
         return state.cached_len
 
@@ -123,8 +121,7 @@ class ModelRunner:
     def prefill(self, state: DenoiseState, max_tokens: int) -> int:
         """Encode up to `max_tokens` more prompt tokens (chunked prefill); returns how many were encoded."""
         if state.cache is None:  # no start_cache (callers that bypass the prefix cache)
-            state.cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
-            state.cached_len = 0
+            self.start_cache(state, PrefixCache(0))
         chunk = state.prompt_ids[state.cached_len : state.cached_len + max_tokens]
         if chunk:
             self._encode(state, chunk)

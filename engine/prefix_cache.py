@@ -76,12 +76,12 @@ class PrefixCache:
             parent = key
         return out
 
-    def lookup(self, prompt: list[int], max_tokens: int) -> list[_Block]:
-        """The longest run of cached blocks the prompt starts with, covering at most `max_tokens` tokens."""
+    def lookup(self, prompt: list[int]) -> list[_Block]:
+        """The longest run of cached blocks the prompt starts with."""
         if not self.enabled:
             return []
         found = []
-        for key, tokens, parent in self._chain(prompt, max_tokens // self.block_tokens):
+        for key, tokens, parent in self._chain(prompt, len(prompt) // self.block_tokens):
             block = self.blocks.get(key)
             if block is None or block.tokens != tokens or block.parent != parent:
                 break

@@ -82,5 +82,5 @@ def test_the_cache_is_bounded_least_recently_used_first(tiny_path):
     run_to_end(engine, [(a, params(1))])
     run_to_end(engine, [(b, params(1))])
     assert engine.prefix_cache.cached_tokens <= 256
-    assert len(engine.prefix_cache.lookup(b, len(b))) == 5  # the newest stays whole
-    assert len(engine.prefix_cache.lookup(a, len(a))) < 5  # the oldest lost blocks first
+    assert len(engine.prefix_cache.lookup(b)) == 5  # the newest stays whole
+    assert len(engine.prefix_cache.lookup(a)) < 5  # the oldest lost blocks first
