@@ -156,11 +156,22 @@ class FillInTheMiddle:
         self.prompt_tokens = prompt_tokens
         self.stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
 
-    def candidates(self, group: list[tuple[DenoiseState, FinishEvent, list]]) -> list[dict]:
-        return [
+    def choose(self, g: int, finishes: list[FinishEvent], logprobs: list[list]) -> tuple[Middle, list[dict]]:
+        """Choice `g`'s winning middle among its candidate rows, and what each candidate scored."""
+        rows = range(g * self.k, (g + 1) * self.k)
+        group = [(self.states[r], finishes[r], logprobs[r]) for r in rows]
+        candidates = [
             {"hole": v.hole, "template_logprob": f.template_logprob, "passes": f.passes}
             for v, (_, f, _) in zip(self.variants, group, strict=True)
         ]
+        return pick(group, self.variants, self.serving.tokenizer, self.stop), candidates
+
+    def choice_fields(self, m: Middle, candidates: list[dict]) -> tuple[dict | None, dict]:
+        """A chosen middle's `logprobs` (when asked for) and `diffusion` fields."""
+        logprobs = (
+            self.serving.logprob_formatter.completion(m.logprobs, 0)[0] if self.req.logprobs is not None else None
+        )
+        return logprobs, {**self.serving.stats(m.finish), "candidates": candidates, "chosen": m.candidate}
 
     def usage(self, middles: list[Middle]) -> dict:
         completion = sum(m.tokens for m in middles)
@@ -172,31 +183,22 @@ class FillInTheMiddle:
 
     async def middles(self, request: Request) -> tuple[list[Middle], list[list[dict]]]:
         results = await self.serving.collect(self.states, request)
-        middles, candidates = [], []
-        for g in range(0, len(self.states), self.k):
-            group = [(self.states[g + i], results[g + i].finish, results[g + i].logprobs) for i in range(self.k)]
-            middles.append(pick(group, self.variants, self.serving.tokenizer, self.stop))
-            candidates.append(self.candidates(group))
-        self.serving.log_details(request, self.req, self.prompt_tokens, [r.finish for r in results])
-        return middles, candidates
+        finishes, logprobs = [r.finish for r in results], [r.logprobs for r in results]
+        self.serving.log_details(request, self.req, self.prompt_tokens, finishes)
+        chosen = [self.choose(g, finishes, logprobs) for g in range(len(self.states) // self.k)]
+        return [m for m, _ in chosen], [c for _, c in chosen]
 
     async def respond(self, request: Request) -> dict | EventSourceResponse:
         if self.req.stream:
             return EventSourceResponse(self.stream(request), sep="\n", ping=15, headers={"X-Accel-Buffering": "no"})
         middles, candidates = await self.middles(request)
-        want_logprobs = self.req.logprobs is not None
         choices = []
         for i, (m, cands) in enumerate(zip(middles, candidates, strict=True)):
-            logprobs = self.serving.logprob_formatter.completion(m.logprobs, 0)[0] if want_logprobs else None
+            logprobs, diffusion = self.choice_fields(m, cands)
             choices.append(
-                {
-                    "index": i,
-                    "text": m.text,
-                    "finish_reason": finish_reason(m),
-                    "logprobs": logprobs,
-                    "diffusion": {**self.serving.stats(m.finish), "candidates": cands, "chosen": m.candidate},
-                }
-            )
+                {"index": i, "text": m.text, "finish_reason": finish_reason(m), "logprobs": logprobs,
+                 "diffusion": diffusion}
+            )  # fmt: skip
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -211,7 +213,6 @@ class FillInTheMiddle:
         in one chunk when its candidates are done, its finish, usage and [DONE]."""
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
-        want_logprobs = self.req.logprobs is not None
         tokens = bool(self.req.stream_options and self.req.stream_options.include_draft_tokens)
 
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
@@ -235,13 +236,10 @@ class FillInTheMiddle:
                     if event.finish_reason == "error":
                         raise engine_error(event.error)
                     if all(finishes[g * self.k + i] is not None for i in range(self.k)):
-                        group = [(self.states[g * self.k + i], finishes[g * self.k + i], logprobs[g * self.k + i])
-                                 for i in range(self.k)]  # fmt: skip
-                        m = middles[g] = pick(group, self.variants, self.serving.tokenizer, self.stop)
-                        lp = self.serving.logprob_formatter.completion(m.logprobs, 0)[0] if want_logprobs else None
+                        m, candidates = self.choose(g, finishes, logprobs)
+                        middles[g] = m
+                        lp, diffusion = self.choice_fields(m, candidates)
                         yield chunk([{"index": g, "text": m.text, "finish_reason": None, "logprobs": lp}])
-                        diffusion = {**self.serving.stats(m.finish), "candidates": self.candidates(group),
-                                     "chosen": m.candidate}  # fmt: skip
                         yield chunk([{"index": g, "text": "", "finish_reason": finish_reason(m), "logprobs": None,
                                       "diffusion": diffusion}])  # fmt: skip
                 elif isinstance(event, CommitEvent) and event.logprobs:
