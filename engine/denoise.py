@@ -65,9 +65,23 @@ def propose_canvas(logits: torch.Tensor, greedy: bool, top_p: float, generator: 
     for start in range(0, logits.shape[0], ENTROPY_CHUNK):
         chunk = nucleus_filter(logits[start : start + ENTROPY_CHUNK], top_p)
         probs = torch.softmax(chunk, dim=-1, dtype=torch.float32)
-        race = torch.empty_like(probs).exponential_(1, generator=generator)
+        race = exponential_draws(probs.shape, generator, probs.device)
         out[start : start + ENTROPY_CHUNK] = probs.div_(race).argmax(dim=-1)
     return out
+
+
+def exponential_draws(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
+    """Exp(1) draws in float32, exactly the numbers `torch.empty(shape).exponential_(1, generator=generator)` makes.
+
+    On CPU that kernel draws one float64 uniform u per element and returns -log1p(-u), element by element
+    (~25 ns each, a third of a tiny model's pass). Drawing the uniforms in one call and transforming them as a
+    tensor consumes the generator identically and gives identical numbers about 2.5x faster (checked against
+    the kernel itself by tests/test_denoise.py). Other devices keep the kernel.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, device=device).exponential_(1, generator=generator)
+    uniform = torch.empty(shape, dtype=torch.float64).uniform_(generator=generator)
+    return uniform.neg_().log1p_().neg_().float()
 
 
 def accept_mask(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:

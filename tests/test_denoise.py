@@ -91,6 +91,20 @@ def test_greedy_proposal_is_argmax_and_draws_nothing():
     assert torch.equal(g.get_state(), state)
 
 
+@pytest.mark.parametrize("shape", [(7, 33), (32, 1024), (3, 32, 4096)])
+def test_exponential_draws_are_the_kernels_own(shape):
+    """The proposal's Exp(1) race is drawn from uniforms on CPU: the same numbers, and the same generator
+    state afterwards, as torch's exponential_ kernel (which transformers' multinomial sampling uses)."""
+    kernel = torch.Generator().manual_seed(3)
+    ours = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        expected = torch.empty(shape).exponential_(1, generator=kernel)
+        got = denoise.exponential_draws(shape, ours, "cpu")
+        assert got.dtype == torch.float32
+        assert torch.equal(got, expected)
+    assert torch.equal(torch.randint(0, 1000, (16,), generator=kernel), torch.randint(0, 1000, (16,), generator=ours))
+
+
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = denoise.nucleus_filter(logits, 0.7)
