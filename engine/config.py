@@ -27,8 +27,12 @@ class EngineConfig:
     max_num_seqs: int = 8
     # Requests allowed to wait for a slot; beyond it the server answers 503 with Retry-After.
     max_queue: int = 256
-    # Same tokens for a seeded request alone or in any batch (row-wise attention, fixed-shape expert GEMMs).
-    batch_invariant: bool = True
+    # Same tokens for a seeded request alone or in any batch (row-wise attention, fixed-shape expert GEMMs);
+    # None: on unless passes are compiled (compiled passes use stock kernels).
+    batch_invariant: bool | None = None
+    # Compiled static-shape passes (engine/compiled.py), compiled per batch bucket at startup; None: on for CUDA,
+    # off on CPU.
+    compile: bool | None = None
     # Prompt tokens encoded per engine step (chunked prefill), shared by all prefilling requests.
     prefill_chunk: int = 512
     # Encoder keys and values of prompt prefixes kept for reuse across requests (automatic prefix caching),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import denoise
+from engine import batch_sampler, denoise
 from engine.config import EngineConfig
 from engine.constraints import CanvasConstraints
 from engine.detokenizer import TextStream
@@ -55,7 +55,18 @@ class LLMEngine:
             torch.set_num_threads(config.torch_threads)
         self.loaded = loaded or load_model(config)
         self.tokenizer = self.loaded.tokenizer
-        self.runner = ModelRunner(self.loaded, batch_invariant=config.batch_invariant)
+        compiled = config.compile if config.compile is not None else self.loaded.device.type == "cuda"
+        batch_invariant = config.batch_invariant if config.batch_invariant is not None else not compiled
+        if compiled and batch_invariant:
+            raise ValueError(
+                "compile and batch_invariant cannot both be on: compiled passes use stock kernels on padded batches"
+            )
+        self.runner = ModelRunner(self.loaded, batch_invariant=batch_invariant)
+        if compiled:
+            start = time.perf_counter()
+            self.runner.compile(config.max_num_seqs)
+            log.info("compiled passes ready in %.1f s (batch buckets %s)", time.perf_counter() - start,
+                     self.runner.compiled.buckets)  # fmt: skip
         self.prefix_cache = PrefixCache(config.prefix_cache_tokens)
         self.scheduler = Scheduler(config.max_num_seqs)
         self.canvas_length = self.loaded.canvas_length
@@ -220,7 +231,10 @@ class LLMEngine:
         try:
             # Rows are independent, but they sample on the engine thread: a thread pool made every later
             # forward ~4x slower on CPU (each calling thread brings its own OpenMP team to fight over the cores).
-            outcomes = self._sample_rows(rows, logits)
+            if self.runner.compiled is not None and all(self._plain(s) for s in rows):
+                outcomes = self._sample_compiled(rows, logits)
+            else:
+                outcomes = self._sample_rows(rows, logits)
             # Rows keep self-conditioning in the model's dtype (a copy under bf16): let the fp32 batch go before
             # the commit pass runs.
             del logits
@@ -241,6 +255,70 @@ class LLMEngine:
         """One row's pass decisions (the batched sampler on a batch of one)."""
         return self._sample_rows([state], logits[None])[0]
 
+    @staticmethod
+    def _plain(state: DenoiseState) -> bool:
+        """A row whose logits need no per-row processing (top-p, grammar masks, fixed positions)."""
+        in_pass_grammar = state.grammar is not None and state.grammar.in_pass
+        return state.constraints is None and not in_pass_grammar and state.params.top_p >= 1.0
+
+    @staticmethod
+    def _temperatures(rows: list[DenoiseState]) -> torch.Tensor:
+        """Each row's temperature at this pass (1 for greedy rows), float32 as the reference computes it."""
+        temps = []
+        for state in rows:
+            params = state.params
+            if params.greedy:
+                temps.append(torch.ones((), dtype=torch.float32))
+            else:
+                steps_remaining = params.denoising_steps - state.pass_index
+                temps.append(
+                    denoise.pass_temperature(steps_remaining, params.denoising_steps, params.t_min, params.t_max)
+                )
+        return torch.stack(temps)
+
+    @torch.inference_mode()
+    def _sample_compiled(self, rows: list[DenoiseState], logits: torch.Tensor) -> list[PassOutcome]:
+        """`_sample_rows` for plain rows, as one compiled graph over the batch's bucket (engine/batch_sampler.py):
+        the rows' random draws first, from their own generators in the eager order, then all the math at once."""
+        compiled, device = self.runner.compiled, logits.device
+        n, bucket = len(rows), compiled.bucket(len(rows))
+        pad = bucket - n
+        greedy = [s.params.greedy for s in rows]
+        draws = batch_sampler.draw(compiled.draws(bucket), [s.generator for s in rows], greedy, self.vocab_size)
+        depth = max(s.history.shape[0] for s in rows)
+        history = torch.full((bucket, depth, self.canvas_length), -1, dtype=torch.long, device=device)
+        valid = torch.zeros((bucket, depth), dtype=torch.bool, device=device)
+        for i, s in enumerate(rows):  # a row's own threshold looks at the last of the `depth` canvases
+            if s.history.shape[0]:
+                history[i, depth - s.history.shape[0] :] = s.history
+                valid[i, depth - s.history.shape[0] :] = True
+
+        def column(values, fill, dtype=torch.float32):
+            return torch.tensor(list(values) + [fill] * pad, dtype=dtype, device=device)
+
+        if pad:
+            logits = torch.cat([logits, logits.new_zeros((pad, *logits.shape[1:]))])
+        canvas, argmax, accepted, history, processed, stats = compiled.sample(
+            logits,
+            draws,
+            temperature=torch.cat([self._temperatures(rows).to(device), column([], 1.0)]),
+            greedy=column(greedy, True, torch.bool),
+            entropy_bound=column((s.params.entropy_bound for s in rows), 0.0),
+            history=history,
+            history_valid=valid,
+            confidence_threshold=column((s.params.confidence_threshold for s in rows), 0.0),
+        )
+        for i, state in enumerate(rows):
+            state.canvas = canvas[i]
+            state.argmax_canvas = argmax[i]
+            state.history = history[i, depth - state.history.shape[0] :]
+            state.self_conditioning = processed[i]
+        stats, ids, masks = stats[:n].tolist(), argmax[:n].tolist(), accepted[:n].tolist()
+        return [
+            PassOutcome(ids[i], int(a), masks[i], mean_entropy=m, stable=bool(st), confident=bool(c))
+            for i, (a, m, st, c) in enumerate(stats)
+        ]
+
     @torch.inference_mode()
     def _sample_rows(self, rows: list[DenoiseState], logits: torch.Tensor) -> list[PassOutcome]:
         """Schedule, propose, accept, renoise, stop check and self-conditioning for every row of a pass.
@@ -252,17 +330,7 @@ class LLMEngine:
         row's only canvas x vocab fp32 tensor stays the one the model produced.
         """
         device = logits.device
-        temps = []
-        for state in rows:
-            params = state.params
-            if params.greedy:
-                temps.append(torch.ones((), dtype=torch.float32))
-            else:
-                steps_remaining = params.denoising_steps - state.pass_index
-                temps.append(
-                    denoise.pass_temperature(steps_remaining, params.denoising_steps, params.t_min, params.t_max)
-                )
-        processed = logits.div_(torch.stack(temps).to(device)[:, None, None])  # x / 1 is exact for greedy rows
+        processed = logits.div_(self._temperatures(rows).to(device)[:, None, None])  # x / 1 is exact for greedy rows
         walks: list[list[int]] = []
         for i, state in enumerate(rows):
             if state.constraints is not None:  # fixed positions: one-hot logits, so zero entropy and always accepted

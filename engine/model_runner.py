@@ -22,6 +22,7 @@ from transformers.models.diffusion_gemma.modeling_diffusion_gemma import Diffusi
 
 from engine import batch_invariance
 from engine.batch_invariance import RowPrefix
+from engine.compiled import LENGTH_MULTIPLE, CompiledPasses
 from engine.loader import LoadedModel
 from engine.prefix_cache import PrefixCache, RecordingCache
 from engine.request import DenoiseState
@@ -80,6 +81,33 @@ class ModelRunner:
         self.batch_invariant = batch_invariant
         if batch_invariant:
             batch_invariance.install(self.model)
+        self.compiled: CompiledPasses | None = None
+
+    def compile(self, max_rows: int) -> CompiledPasses:
+        """Switch decoder passes to compiled graphs (engine/compiled.py), compiling every batch bucket now."""
+        vocab = self.model.config.get_text_config().vocab_size
+        self.compiled = CompiledPasses(
+            self._static_forward, self.device, self.sc_dtype, self.canvas_length, vocab, max_rows
+        )
+        with torch.inference_mode():  # each layer's key and value shapes, from a one-token cache
+            cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+            self.model.model.encoder(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device),
+                                     **{CACHE_KW: cache})  # fmt: skip
+            shapes = [(layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]) for layer in cache.layers]
+            self.compiled.warm_up(shapes, self.layer_types)
+        return self.compiled
+
+    def _static_forward(self, canvas, sc, sc_mask, positions, masks, keys, values) -> torch.Tensor:
+        """The decoder pass on plain tensors, as the compiled graphs take it."""
+        prefix = BatchedPrefix([_PrefixLayer(k, v) for k, v in zip(keys, values, strict=True)])
+        return self.model(
+            decoder_input_ids=canvas,
+            self_conditioning_logits=sc,
+            self_conditioning_mask=sc_mask,
+            decoder_attention_mask=masks,
+            decoder_position_ids=positions,
+            **{CACHE_KW: prefix},
+        ).logits
 
     # ------------------------------------------------------------------ encoder
 
@@ -196,16 +224,19 @@ class ModelRunner:
         self._prefix_key, self._prefix = key, (BatchedPrefix(layers), masks)
         return self._prefix
 
-    def _pad_caches(self, rows: list[DenoiseState]) -> tuple[list[_PrefixLayer], dict[str, list[int]]]:
-        """Left-pad the rows' caches to a common length per layer; returns the layers and, per layer type,
-        each row's padding (sliding-window layers hold fewer keys than full-attention ones)."""
-        batch = len(rows)
+    def _pad_caches(
+        self, rows: list[DenoiseState], batch: int | None = None, multiple: int = 1
+    ) -> tuple[list[_PrefixLayer], dict[str, list[int]]]:
+        """Left-pad the rows' caches to a common length per layer (rounded up to `multiple`), with `batch` rows
+        (the extra ones all padding); returns the layers and, per layer type, each row's padding (sliding-window
+        layers hold fewer keys than full-attention ones)."""
+        batch = batch or len(rows)
         layers = []
         pads: dict[str, list[int]] = {}
         for idx, layer_type in enumerate(self.layer_types):
             parts = [s.cache.layers[idx] for s in rows]
             lengths = [p.keys.shape[-2] for p in parts]
-            longest = max(lengths)
+            longest = -(-max(lengths) // multiple) * multiple
             _, heads, _, dim = parts[0].keys.shape
             keys = parts[0].keys.new_zeros((batch, heads, longest, dim))
             values = parts[0].values.new_zeros((batch, heads, longest, parts[0].values.shape[-1]))
@@ -213,7 +244,7 @@ class ModelRunner:
                 keys[b, :, longest - n :] = p.keys[0]
                 values[b, :, longest - n :] = p.values[0]
             layers.append(_PrefixLayer(keys, values))
-            pads.setdefault(layer_type, [longest - n for n in lengths])
+            pads.setdefault(layer_type, [longest - n for n in lengths] + [longest] * (batch - len(rows)))
         return layers, pads
 
     def _prefix_mask(self, pads: list[int], prefix_len: int) -> RowPrefix | torch.Tensor | None:
@@ -224,9 +255,29 @@ class ModelRunner:
             return None
         if self.batch_invariant:
             return RowPrefix(tuple(pads))
+        return self._visible(pads, prefix_len)
+
+    def _visible(self, pads: list[int], prefix_len: int) -> torch.Tensor:
+        """Boolean mask (rows, 1, canvas, prefix + canvas), True = attend: a row's canvas sees its prefix past its
+        padding and the whole canvas."""
         keys = torch.arange(prefix_len + self.canvas_length, device=self.device)
         visible = keys[None, :] >= torch.tensor(pads, device=self.device)[:, None]
-        return visible[:, None, None, :].expand(-1, 1, self.canvas_length, -1)
+        return visible[:, None, None, :].expand(-1, 1, self.canvas_length, -1).contiguous()
+
+    def _static_prefix(self, rows: list[DenoiseState], batch: int) -> tuple[BatchedPrefix, dict]:
+        """The rows' caches gathered for a compiled pass of `batch` rows: lengths padded to a multiple of
+        LENGTH_MULTIPLE, every mask materialised; cached like `_gathered_prefix`."""
+        key = ("static", batch, *((s.request_id, s.cached_len) for s in rows))
+        if key == self._prefix_key and self._prefix is not None:
+            return self._prefix
+        self._prefix = None
+        layers, pads = self._pad_caches(rows, batch, LENGTH_MULTIPLE)
+        masks = {
+            layer_type: self._visible(row_pads, layers[self.layer_types.index(layer_type)].keys.shape[-2])
+            for layer_type, row_pads in pads.items()
+        }
+        self._prefix_key, self._prefix = key, (BatchedPrefix(layers), masks)
+        return self._prefix
 
     def release_prefix(self) -> None:
         self._prefix_key, self._prefix = None, None
@@ -234,6 +285,8 @@ class ModelRunner:
     @torch.inference_mode()
     def denoise_logits(self, rows: list[DenoiseState]) -> torch.Tensor:
         """One batched decoder pass over the rows' canvases; fp32 logits of shape (rows, canvas_length, vocab)."""
+        if self.compiled is not None:
+            return self._compiled_logits(rows)
         canvas = torch.stack([s.canvas for s in rows])
         offsets = torch.tensor([s.cached_len for s in rows], dtype=torch.int32, device=self.device)
         positions = offsets[:, None] + torch.arange(self.canvas_length, dtype=torch.int32, device=self.device)
@@ -262,3 +315,22 @@ class ModelRunner:
             **{CACHE_KW: cache},
         )
         return out.logits
+
+    def _compiled_logits(self, rows: list[DenoiseState]) -> torch.Tensor:
+        """The same pass through the compiled graph of the rows' bucket: rows padded with ones that see only
+        their own (zero) canvas, self-conditioning always given (zeroed by its mask on a first pass)."""
+        n, batch = len(rows), self.compiled.bucket(len(rows))
+        prefix, masks = self._static_prefix(rows, batch)
+        canvas = torch.zeros((batch, self.canvas_length), dtype=torch.long, device=self.device)
+        canvas[:n] = torch.stack([s.canvas for s in rows])
+        offsets = torch.tensor([s.cached_len for s in rows] + [0] * (batch - n), dtype=torch.int32, device=self.device)
+        positions = offsets[:, None] + torch.arange(self.canvas_length, dtype=torch.int32, device=self.device)
+        sc = torch.zeros((batch, self.canvas_length, self.compiled.vocab_size), dtype=self.sc_dtype, device=self.device)
+        has_sc = [s.self_conditioning is not None for s in rows]
+        for i, s in enumerate(rows):
+            if has_sc[i]:
+                sc[i] = s.self_conditioning
+        sc_mask = torch.tensor(has_sc + [False] * (batch - n), device=self.device)
+        keys = [layer.keys for layer in prefix.layers]
+        values = [layer.values for layer in prefix.layers]
+        return self.compiled.decode(canvas, sc, sc_mask, positions, masks, keys, values)[:n].float()

@@ -27,7 +27,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-cache-tokens", type=int, default=None,
                    help="prompt-prefix tokens whose encoder cache is kept for reuse (0 = off)")  # fmt: skip
     p.add_argument("--batch-invariant", default=None, action=argparse.BooleanOptionalAction,
-                   help="same tokens alone or batched (default on)")  # fmt: skip
+                   help="same tokens alone or batched (default on unless --compile)")  # fmt: skip
+    p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="compiled static-shape passes, compiled at startup (default on CUDA, off on CPU)")  # fmt: skip
     p.add_argument("--served-model-name", default=None, help="model name reported by the API")
     p.add_argument("--cache-dir", default=None, help="where built-in models are materialised")
 

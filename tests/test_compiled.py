@@ -1,0 +1,187 @@
+"""Compiled passes (engine/compiled.py): the batched sampler's math, compiled logits against eager ones, seeded
+answers against the eager engine's, and a `--compile` server."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import batch_sampler, denoise
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from tests.helpers import run_to_end
+
+BUCKETS = 2  # max_num_seqs of the compiled engine: buckets 1 and 2, so a 2-row pass pads nothing and 1 row pads
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_path):
+    return LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=BUCKETS, compile=True))
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_path):
+    return LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=BUCKETS, compile=False, batch_invariant=False))
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(20, 1000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_batch_sampler_is_the_eager_samplers_math():
+    """Uncompiled, the batched sampler gives exactly what the row-by-row functions give from the same
+    generators: proposals, acceptance, renoised canvases, argmax, stop statistics."""
+    rows, canvas, vocab = 3, 40, 300
+    logits = torch.randn(rows, canvas, vocab) * 3
+    temperature = torch.tensor([0.7, 1.0, 0.45])
+    greedy = [False, True, False]
+    bounds = torch.tensor([0.1, 1.0, 5.0])
+    history = torch.randint(0, vocab, (rows, 2, canvas))
+    history[1, 1] = (logits[1] / temperature[1]).argmax(-1)  # row 1 was stable at its last pass
+    valid = torch.tensor([[True, True], [False, True], [False, False]])
+    thresholds = torch.tensor([10.0, 10.0, 1e-9])
+    seeds = [5, 6, 7]
+
+    draws = batch_sampler.Draws(
+        race=torch.empty(rows, canvas, vocab), noise=torch.empty(rows, canvas, dtype=torch.long)
+    )
+    batch_sampler.draw(draws, [torch.Generator().manual_seed(s) for s in seeds], greedy, vocab)
+    new_canvas, argmax, accepted, new_history, processed, stats = batch_sampler.sample_batch(
+        logits, temperature, torch.tensor(greedy), draws.race, draws.noise, bounds, history, valid, thresholds,
+        torch.float32,
+    )  # fmt: skip
+    for i in range(rows):
+        g = torch.Generator().manual_seed(seeds[i])
+        x = logits[i] / temperature[i]
+        proposed = denoise.propose_canvas(x, greedy[i], 1.0, g)
+        entropy = denoise.token_entropy(x)
+        acc = denoise.accept_mask(entropy, bounds[i].item())
+        expected_canvas = denoise.renoise(torch.zeros(canvas, dtype=torch.long), proposed, acc, vocab, g)
+        depth = int(valid[i].sum())
+        stable = bool(denoise.stable_flag(history[i, 2 - depth :], x.argmax(-1)))
+        assert torch.equal(argmax[i], x.argmax(-1))
+        assert torch.equal(accepted[i], acc)
+        assert torch.equal(new_canvas[i], expected_canvas)
+        assert torch.equal(processed[i], x)
+        assert torch.equal(new_history[i, -1], x.argmax(-1))
+        assert stats[i].tolist() == [
+            float(acc.sum()),
+            pytest.approx(entropy.mean().item()),
+            float(stable),
+            float(entropy.mean().item() < thresholds[i].item()),
+        ]
+    assert stats[1, 2] == 1.0 and stats[0, 2] == 0.0 and stats[2, 2] == 1.0  # no threshold: stable
+
+
+def _prefilled(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams):
+    states = [engine.make_request(p, params.with_changes(seed=i)) for i, p in enumerate(prompts)]
+    for s in states:
+        engine.add_request(s)
+    engine.scheduler.schedule()
+    while any(s.canvas is None for s in states):
+        engine._prefill(lambda *_: None)
+    return states
+
+
+@pytest.mark.parametrize("lengths", [[37], [37, 150], [300, 5]], ids=["one-row-padded-batch", "two-rows", "long-short"])
+def test_compiled_logits_match_eager(compiled, eager, lengths):
+    """A compiled pass's logits equal the eager pass's within 1e-4 (fp32), on its first pass (no
+    self-conditioning) and its second (with), whatever the rows' prefix lengths and the bucket's padding."""
+    params = SamplingParams(max_tokens=32, denoising_steps=8, eos_token_ids=[])
+    prompts = [_prompt(n, n) for n in lengths]
+    ours, theirs = _prefilled(compiled, prompts, params), _prefilled(eager, prompts, params)
+    try:
+        for _ in range(2):
+            got = compiled.runner.denoise_logits(ours)
+            want = eager.runner.denoise_logits(theirs)
+            assert got.shape == want.shape == (len(lengths), compiled.canvas_length, compiled.vocab_size)
+            assert (got - want).abs().max().item() < 1e-4
+            compiled._sample_compiled(ours, got)
+            eager._sample_rows(theirs, want)
+            for a, b in zip(ours, theirs, strict=True):
+                assert torch.equal(a.canvas, b.canvas)  # same proposals and draws: the next pass sees the same canvas
+    finally:
+        for engine, states in ((compiled, ours), (eager, theirs)):
+            for s in states:
+                engine.scheduler.finish(s)
+            engine.runner.release_prefix()
+
+
+CASES = [
+    ("greedy", dict(seed=2, t_min=0.0, t_max=0.0)),
+    ("sampled", dict(seed=3)),
+    ("sampled-two-canvases", dict(seed=4, max_tokens=60)),
+    ("hot-wide-bound", dict(seed=5, entropy_bound=5.0, t_min=0.9, t_max=1.4)),
+    ("stability-2", dict(seed=6, stability_threshold=2, confidence_threshold=10.0)),
+]
+
+
+def test_seeded_answers_match_the_eager_engine(compiled, eager):
+    """Every case alone and all together: compiled answers are the eager engine's (the share is reported by
+    bench/engine.py; on this model every case is identical)."""
+    base = SamplingParams(max_tokens=32, denoising_steps=12, eos_token_ids=[])
+    requests = [(_prompt(20 + 9 * i, i), base.with_changes(**kw)) for i, (_, kw) in enumerate(CASES)]
+    for req in requests:
+        assert run_to_end(compiled, [req])[0]["answer_ids"] == run_to_end(eager, [req])[0]["answer_ids"]
+    pairs = [requests[:2], requests[2:4]]
+    for pair in pairs:
+        assert [r["answer_ids"] for r in run_to_end(compiled, pair)] == [
+            r["answer_ids"] for r in run_to_end(eager, pair)
+        ]
+
+
+def test_rows_needing_their_own_processing_share_a_compiled_pass(compiled, tiny_path):
+    """A top-p row and a grammar-constrained row batched with a plain one: the pass's logits come from the
+    compiled graph and the eager sampler handles the batch; the grammar still holds and all finish."""
+    base = compiled.defaults.with_changes(max_tokens=32, denoising_steps=12, include_drafts=False)
+    results = run_to_end(
+        compiled,
+        [
+            (_prompt(30, 1), base.with_changes(seed=1, top_p=0.8)),
+            (_prompt(40, 2), base.with_changes(seed=2), 'start: "yes" | "no"'),
+        ],
+    )
+    assert all(r["finish"].finish_reason in ("stop", "length") for r in results)
+    eos = set(base.eos_token_ids)
+    text = compiled.tokenizer.decode([t for t in results[1]["answer_ids"] if t not in eos])
+    assert text in ("yes", "no")
+
+
+def test_compile_and_batch_invariance_are_exclusive(tiny_path):
+    with pytest.raises(ValueError, match="compile and batch_invariant"):
+        LLMEngine(EngineConfig(model=str(tiny_path), compile=True, batch_invariant=True))
+
+
+def test_compiled_server_is_not_ready_until_compiled_and_answers_like_eager(tiny_path, server):
+    """`press serve --compile`: /ready answers 503 (not_ready) while the buckets compile, then a seeded chat
+    streams its drafts and gives the eager server's answer, with exact usage."""
+    import httpx
+    import openai
+
+    from tests.conftest import ServerProcess
+
+    proc = ServerProcess(["--model", str(tiny_path), "--served-model-name", "tiny-random", "--compile",
+                          "--max-num-seqs", "2"])  # fmt: skip
+    try:
+        first = None
+        while first is None:
+            try:
+                first = httpx.get(proc.base_url + "/ready", timeout=1)
+            except httpx.HTTPError:
+                assert proc.proc.poll() is None, proc.log_path.read_text()[-2000:]
+        assert first.status_code == 503 and first.json()["error"]["code"] == "not_ready"
+        proc.wait_ready(timeout=300)
+        kwargs = dict(model="tiny-random", messages=[{"role": "user", "content": "compile me"}], max_tokens=40, seed=11,
+                      extra_body={"denoising_steps": 12})  # fmt: skip
+        compiled = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+        eager = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+        got = compiled.chat.completions.create(**kwargs)
+        assert got.choices[0].message.content == eager.chat.completions.create(**kwargs).choices[0].message.content
+        assert got.usage.completion_tokens > 0
+        chunks = list(compiled.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == got.choices[0].message.content
+        assert any(c.choices[0].model_extra.get("draft") for c in chunks if c.choices)
+        assert chunks[-1].usage.model_dump() == got.usage.model_dump()
+    finally:
+        proc.stop()
