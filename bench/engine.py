@@ -1,9 +1,10 @@
 """Time one denoising pass at batch 1, 2, 4, 8: Press's engine against transformers' generate().
 
 Both run on the same weights in the same process. transformers runs first, on the stock model; then the
-engine with stock kernels; then the engine with its batch-invariant kernels (installed into the model), each
-with its batch-invariance rate (--kernels picks one mode). Random weights never get confident, so every
-canvas runs all its passes and pass time = canvas time / passes.
+engine with stock kernels; then the engine with compiled passes (engine/compiled.py; its startup compile is
+timed); then the engine with its batch-invariant kernels (installed into the model), each with its
+batch-invariance rate (--kernels picks modes). Random weights never get confident, so every canvas runs all
+its passes and pass time = canvas time / passes.
 
     python bench/engine.py --size tiny            # CPU, the built-in tiny-random model
     python bench/engine.py --size full            # GPU: full-size random DiffusionGemma-26B-A4B (bf16)
@@ -178,7 +179,12 @@ def invariance_rate(engine: LLMEngine, batch: int, prompt_len: int, canvas: int,
     }
 
 
-KERNELS = {"stock": False, "batch-invariant": True}
+# Press's modes, in the order they run (the batch-invariant kernels patch the model in place, so they go last).
+MODES = {
+    "stock": dict(batch_invariant=False, compile=False),
+    "compiled": dict(batch_invariant=False, compile=True),
+    "batch-invariant": dict(batch_invariant=True, compile=False),
+}
 
 
 def main() -> None:
@@ -188,9 +194,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48, help="passes per canvas")
     ap.add_argument(
         "--kernels",
-        choices=["both", *KERNELS],
-        default="both",
-        help="Press's kernel modes to time: stock (transformers' experts and SDPA as shipped) and/or batch-invariant",
+        default="all",
+        help="comma-separated Press modes to time, or all: stock (transformers' kernels, eager), compiled "
+        "(stock kernels in compiled graphs), batch-invariant (eager)",
     )
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size; the best is reported")
     ap.add_argument("--out", default="bench/results")
@@ -201,18 +207,18 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, prompt_len, canvas = build(args.size, dev)
     batches = [int(b) for b in args.batches.split(",")]
-    modes = list(KERNELS) if args.kernels == "both" else [args.kernels]
+    modes = list(MODES) if args.kernels == "all" else [m for m in MODES if m in args.kernels.split(",")]
     hf = {b: time_hf(model, b, prompt_len, canvas, args.steps, dev, args.repeats) for b in batches}
     rows = [
         {"batch": b, "hf_pass_ms": hf[b] / args.steps * 1e3, "hf_canvas_tokens_per_s": b * canvas / hf[b]}
         for b in batches
     ]
-    invariance = {}
-    # Stock first: the batch-invariant engine patches the model's experts and attention in place.
+    invariance, compile_s = {}, None
     for mode in modes:
-        engine = LLMEngine(
-            EngineConfig(max_num_seqs=max(batches), batch_invariant=KERNELS[mode]), loaded=wrap_model(model, tokenizer)
-        )
+        start = time.perf_counter()
+        engine = LLMEngine(EngineConfig(max_num_seqs=max(batches), **MODES[mode]), loaded=wrap_model(model, tokenizer))
+        if mode == "compiled":
+            compile_s = time.perf_counter() - start
         for row in rows:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -222,7 +228,7 @@ def main() -> None:
             row[f"{mode}_peak_memory_gb"] = peak_gb(dev)
         invariance[mode] = invariance_rate(engine, max(batches), prompt_len, canvas, args.steps)
         del engine
-    table = render(args, dev, prompt_len, canvas, modes, rows, invariance)
+    table = render(args, dev, prompt_len, canvas, modes, rows, invariance, compile_s)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,6 +245,7 @@ def main() -> None:
                 "canvas": canvas,
                 "rows": rows,
                 "invariance": invariance,
+                "compile_startup_s": compile_s,
             },
             indent=1,
         )
@@ -246,7 +253,9 @@ def main() -> None:
     (out / f"{tag}.md").write_text(table + "\n")
 
 
-def render(args, dev, prompt_len: int, canvas: int, modes: list[str], rows: list[dict], invariance: dict) -> str:
+def render(
+    args, dev, prompt_len: int, canvas: int, modes: list[str], rows: list[dict], invariance: dict, compile_s
+) -> str:
     """One markdown table: transformers, then per Press kernel mode its pass time, ratio to transformers,
     ratio to its own batch 1, canvas tokens/s and peak memory; then each mode's batch-invariance rate."""
     head = ["batch", "transformers pass ms", "transformers canvas tok/s"]
@@ -277,6 +286,18 @@ def render(args, dev, prompt_len: int, canvas: int, modes: list[str], rows: list
         lines.append(
             f"Batch invariance, {mode} kernels ({inv['requests']} seeded requests alone vs together): "
             f"{inv['identical_requests']:.0%} of requests and {inv['identical_tokens']:.2%} of tokens identical."
+        )
+    if compile_s is not None:
+        first, last = rows[0], rows[-1]
+        speedups = [f"{first['stock_pass_ms'] / first['compiled_pass_ms']:.2f}x faster than Press stock eager"]
+        if "batch-invariant" in modes:
+            speedups.append(f"{first['batch-invariant_pass_ms'] / first['compiled_pass_ms']:.2f}x than batch-invariant")
+        ratio = last["compiled_canvas_tokens_per_s"] / first["hf_canvas_tokens_per_s"]
+        lines.append(
+            f"Compiled mode: startup (load + compile of batch buckets up to {last['batch']}) {compile_s:.1f} s with "
+            f"this machine's inductor cache as it was; compiled batch-1 pass {' and '.join(speedups)}; compiled "
+            f"batch-{last['batch']} canvas tok/s {last['compiled_canvas_tokens_per_s']:.0f} = {ratio:.1f}x "
+            "transformers' batch-1."
         )
     return "\n".join(lines)
 
