@@ -32,6 +32,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Long runs, not tests: each prints a table and writes JSON + markdown to bench/results/.
+bench: $(STAMP)
+	$(VENV)/bin/python bench/engine.py --size tiny
+	$(VENV)/bin/python bench/compiled.py
+	$(VENV)/bin/python bench/prefix_cache.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache
 
