@@ -22,6 +22,7 @@ from server.errors import APIError, install_error_handlers
 from server.infill import FillInTheMiddle
 from server.llama_cpp import InfillRequest
 from server.middleware import RequestContext, ServerState
+from server.openapi import install_openapi
 from server.playground import install_playground
 from server.protocol import (
     ChatCompletionRequest,
@@ -76,9 +77,6 @@ class ModelHolder:
             self.serving.engine.shutdown()
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     holder = ModelHolder(settings)
@@ -95,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.holder = holder
     app.state.server_state = server_state
     install_error_handlers(app)
+    install_openapi(app)
     if settings.server.cors_origins:
         origins = [o.strip() for o in settings.server.cors_origins.split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
@@ -148,7 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return ModelList(data=[card])
 
     @app.post("/v1/chat/completions", response_model=None, dependencies=[Depends(require_key)],
-              responses={200: {"model": ChatCompletionResponse}, **ERRORS})  # fmt: skip
+              responses={200: {"model": ChatCompletionResponse}})  # fmt: skip
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         serving = holder.require()
         serving.check_model(body.model)
@@ -162,7 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await serving.respond(body, states, len(prompt), request, chat=True, prompt_text=prompt_text)
 
     @app.post("/v1/completions", response_model=None, dependencies=[Depends(require_key)],
-              responses={200: {"model": CompletionResponse}, **ERRORS})  # fmt: skip
+              responses={200: {"model": CompletionResponse}})  # fmt: skip
     async def completions(body: CompletionRequest, request: Request):
         serving = holder.require()
         serving.check_model(body.model)
@@ -177,7 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return await FillInTheMiddle(serving, body, states, variants, prompt_tokens).respond(request)
         return await serving.respond(body, states, prompt_tokens, request, chat=False)
 
-    @app.post("/infill", response_model=None, dependencies=[Depends(require_key)], responses=ERRORS)
+    @app.post("/infill", response_model=None, dependencies=[Depends(require_key)])
     async def llama_infill(body: InfillRequest, request: Request):
         """llama.cpp's fill-in-the-middle endpoint (editor plugins)."""
         return await llama_cpp.infill(holder.require(), body, request)

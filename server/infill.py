@@ -54,6 +54,7 @@ class CanvasRequests:
 
     def __init__(self, engine) -> None:
         self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
         eos = list(engine.defaults.eos_token_ids)
         pad = engine.loaded.model.config.get_text_config().pad_token_id
         self.eos = eos[0] if eos else None
@@ -84,8 +85,19 @@ class CanvasRequests:
                 )
         if not segments:
             raise bad_request("The template has no tokens: give it text or holes.", param="infill.template")
+        self._check_fits(segments, "infill.template")
         constraints = CanvasConstraints.template(segments, self.eos, self.fillers)
         return Variant(constraints, max_tokens=constraints.end)
+
+    def _check_fits(self, segments: list[list[int] | int], param: str) -> None:
+        """A template longer than the context is refused before it is built (its holes are sets of positions)."""
+        size = sum(seg if isinstance(seg, int) else len(seg) for seg in segments)
+        if size > self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens; the template needs {size}.",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def prediction(self, spec: Prediction) -> Variant | None:
         if isinstance(spec.content, str):
@@ -101,6 +113,7 @@ class CanvasRequests:
         out = []
         for n in sorted(set(lengths or default_middle_lengths(max_middle)), reverse=True):
             segments: list[list[int] | int] = [n, suffix_ids] if suffix_ids else [n]
+            self._check_fits(segments, "middle_lengths" if lengths else "suffix")
             constraints = CanvasConstraints.template(segments, self.eos, self.fillers)
             out.append(Variant(constraints, max_tokens=constraints.end, hole=n))
         return out

@@ -71,8 +71,6 @@ def completion_request(body: InfillRequest, model: str) -> CompletionRequest:
     if body.seed >= 0:
         fields["seed"] = body.seed
     fields.update({k: v for k, v in (body.model_extra or {}).items() if k in PASSTHROUGH})
-    if not fields["prompt"]:
-        raise bad_request("'input_extra', 'input_prefix' and 'prompt' are all empty.", param="input_prefix")
     try:
         return CompletionRequest.model_validate(fields)
     except ValidationError as exc:

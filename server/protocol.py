@@ -8,9 +8,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# OpenAI's seed is an int64.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def _json_number(value: object) -> object:
+    """A JSON number, as the document's `number` says: pydantic's lax float would take true/false and "0.5"."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("Input should be a number")
+    return value
+
+
+# A float field that accepts JSON numbers only (integers included), not booleans or numeric strings.
+Number = Annotated[float, BeforeValidator(_json_number)]
 
 
 class StreamOptions(BaseModel):
@@ -89,25 +101,25 @@ class DiffusionParams(BaseModel):
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
     seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     # Accepted for compatibility; they have no diffusion counterpart and are ignored.
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     # Rejected with a clear error when set to something we cannot honour (see serving.reject_unsupported).
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Number] | None = None
     # Diffusion extensions.
     denoising_steps: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
-    entropy_bound: Annotated[float, Field(gt=0)] | None = None
-    t_min: Annotated[float, Field(ge=0, le=10)] | None = None
-    t_max: Annotated[float, Field(ge=0, le=10)] | None = None
+    entropy_bound: Annotated[Number, Field(gt=0)] | None = None
+    t_min: Annotated[Number, Field(ge=0, le=10)] | None = None
+    t_max: Annotated[Number, Field(ge=0, le=10)] | None = None
     stability_threshold: Annotated[StrictInt, Field(ge=0, le=1024)] | None = None
-    confidence_threshold: Annotated[float, Field(gt=0)] | None = None
+    confidence_threshold: Annotated[Number, Field(gt=0)] | None = None
     # As in vLLM: keep denoising canvases past EOS until max_tokens (benchmarks, load tests).
     ignore_eos: StrictBool = False
     # Structured outputs (both endpoints): OpenAI's response_format, or vLLM's structured_outputs.
@@ -297,6 +309,54 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    draft: Draft | None = None
+    diffusion: DiffusionStats | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion (documentation of the stream; see server/openapi.py)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    draft: Draft | None = None
+    diffusion: DiffusionStats | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

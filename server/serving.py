@@ -203,7 +203,10 @@ class Serving:
         for text in prompts:
             ids = list(self.tokenizer(text)["input_ids"])
             if not ids:
-                raise bad_request("The prompt must not be empty.", param="prompt")
+                # As OpenAI: no prompt text means the beginning of a new document.
+                if self.tokenizer.bos_token_id is None:
+                    raise bad_request("The prompt must not be empty.", param="prompt")
+                ids = [self.tokenizer.bos_token_id]
             out.append(ids)
         return out
 

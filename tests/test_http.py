@@ -317,3 +317,18 @@ def test_sse_payloads_survive_line_splitting_clients():
     payload = dump({"draft": {"text": text}})
     assert len(httpx._decoders.LineDecoder().decode(payload + "\n")) == 1
     assert json.loads(payload)["draft"]["text"] == text
+
+
+def test_empty_prompt_starts_a_new_document(client):
+    """As OpenAI: an empty completions prompt generates from the beginning of a document (here: BOS)."""
+    r = client.completions.create(model="tiny-random", prompt="", max_tokens=8, seed=2, extra_body=FAST)
+    assert r.usage.prompt_tokens == 1
+    assert 1 <= r.usage.completion_tokens <= 8
+
+
+def test_infill_with_nothing_before_the_gap(server):
+    """llama.cpp's /infill with an empty prefix (the cursor at the top of a file) fills the gap."""
+    r = httpx.post(server.base_url + "/infill", json={"input_prefix": "", "input_suffix": "x", "n_predict": 8,
+                                                      "seed": 1, **FAST}, timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["content"], str) and r.json()["tokens_predicted"] >= 1
