@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.press-installed
 
-.PHONY: install serve test test-compat lint format bench clean
+.PHONY: install serve test test-compat lint format bench fuzz clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/engine.py --size tiny
 	$(VENV)/bin/python bench/compiled.py
 	$(VENV)/bin/python bench/prefix_cache.py
+
+# Schemathesis against a real server on the built-in model: >= 10,000 generated requests, every check (tests/fuzz/).
+fuzz: $(STAMP)
+	$(VENV)/bin/python -m tests.fuzz.run --examples $(or $(EXAMPLES),1500)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

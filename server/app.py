@@ -63,6 +63,13 @@ class ModelHolder:
             log.exception("model failed to load")
             self.error = f"{type(exc).__name__}: {exc}"
 
+    def limits(self) -> dict | None:
+        """The loaded model's vocabulary size and context length (None while it loads)."""
+        if self.serving is None:
+            return None
+        engine = self.serving.engine.engine
+        return {"vocab_size": engine.vocab_size, "max_model_len": engine.max_model_len}
+
     def require(self) -> Serving:
         if self.serving is None:
             if self.error:
@@ -93,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.holder = holder
     app.state.server_state = server_state
     install_error_handlers(app)
-    install_openapi(app)
+    install_openapi(app, holder.limits)
     if settings.server.cors_origins:
         origins = [o.strip() for o in settings.server.cors_origins.split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],

@@ -109,14 +109,16 @@ class ChatFormat:
                     message["reasoning_content"] = extra[key]
             if m.tool_calls:
                 calls = []
-                for k, call in enumerate(m.tool_calls):
+                for call in m.tool_calls:
+                    # The template writes an object in Gemma's call syntax; anything else (OpenAI accepts any
+                    # string here) is written as the text it is.
+                    raw = call.function.arguments or "{}"
                     try:
-                        arguments = json.loads(call.function.arguments or "{}")
-                    except ValueError as exc:
-                        raise bad_request(
-                            f"Tool call arguments must be a JSON string: {exc}",
-                            param=f"messages[{i}].tool_calls[{k}].function.arguments",
-                        ) from exc
+                        arguments = json.loads(raw)
+                    except ValueError:
+                        arguments = raw
+                    if not isinstance(arguments, dict):
+                        arguments = raw
                     calls.append(
                         {"id": call.id, "type": "function",
                          "function": {"name": call.function.name, "arguments": arguments}}
@@ -146,7 +148,9 @@ class ChatFormat:
                 messages, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs
             )
         except Exception as exc:  # jinja raises for role orders or kwargs a template does not allow
-            raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from exc
+            raise bad_request(
+                f"The chat template rejected the messages: {exc}", param="messages", code="invalid_messages"
+            ) from exc
 
     # ----------------------------------------------------------------- answer
 

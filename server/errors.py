@@ -61,10 +61,17 @@ def engine_error(detail: str | None) -> APIError:
     return APIError(500, f"Generation failed: {detail}", type="server_error", code="engine_error")
 
 
+# pydantic's names for the branches of a union (and for constrained or validated types) in an error's location.
+_BRANCH_LABELS = {
+    "str", "int", "float", "bool", "none", "nullable", "constrained-str", "constrained-int", "constrained-float",
+    "function-after", "function-before", "function-wrap", "function-plain",
+}  # fmt: skip
+
+
 def _param_of(loc: tuple) -> str | None:
     # Drop the "body" root and pydantic's union-branch labels such as "str" or "list[int]".
     parts = [str(p) for p in loc if p != "body"]
-    cleaned = [p for p in parts if not any(ch in p for ch in "[]") and p not in {"str", "int", "function-after"}]
+    cleaned = [p for p in parts if not any(ch in p for ch in "[]") and p not in _BRANCH_LABELS]
     if not cleaned:
         return None
     out = cleaned[0]

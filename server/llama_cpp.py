@@ -13,12 +13,12 @@ import time
 from typing import Annotated, Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from sse_starlette.sse import EventSourceResponse
 
 from server.errors import bad_request
 from server.infill import FillInTheMiddle, Middle
-from server.protocol import CompletionRequest
+from server.protocol import JSON_INTEGER, SEED_MAX, CompletionRequest, Integer, StopString
 
 # Request fields passed through unchanged to the completion (the diffusion extensions among them).
 PASSTHROUGH = (
@@ -49,12 +49,12 @@ class InfillRequest(BaseModel):
     input_suffix: StrictStr = ""
     input_extra: list[ExtraChunk] = []
     prompt: StrictStr = ""
-    n_predict: StrictInt = -1  # -1: no limit (here: one canvas)
-    seed: StrictInt = -1  # -1: random
-    stop: list[StrictStr] = []
+    n_predict: Integer = -1  # -1: no limit (here: one canvas)
+    seed: Annotated[int, Field(ge=-1, le=SEED_MAX), JSON_INTEGER] = -1  # -1: random
+    stop: Annotated[list[StopString], Field(max_length=16)] = []
     stream: StrictBool = False
     model: StrictStr | None = None
-    n_probs: Annotated[StrictInt, Field(ge=0)] = 0
+    n_probs: Annotated[int, Field(ge=0, le=20), JSON_INTEGER] = 0
 
 
 def completion_request(body: InfillRequest, model: str) -> CompletionRequest:

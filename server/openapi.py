@@ -9,10 +9,12 @@ the Schemathesis run holds the server to it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from server.protocol import ChatCompletionChunk, CompletionChunk, ErrorResponse
+from server.protocol import SEED_MAX, SEED_MIN, ChatCompletionChunk, CompletionChunk, ErrorResponse
 
 # Every status an operation can answer with besides 200, and why.
 ERROR_STATUSES = {
@@ -25,26 +27,185 @@ ERROR_STATUSES = {
     504: "The request ran past the server's request timeout.",
 }
 GENERATION_PATHS = {
-    "/v1/chat/completions": ChatCompletionChunk,
-    "/v1/completions": CompletionChunk,
-    "/infill": None,
+    "/v1/chat/completions": "ChatCompletionChunk",
+    "/v1/completions": "CompletionChunk",
+    "/infill": "InfillChunk",
+}
+# llama.cpp's /infill stream chunk: the text so far and whether this is the last one (its other fields vary).
+INFILL_CHUNK = {
+    "type": "object",
+    "required": ["content", "stop"],
+    "properties": {"content": {"type": "string"}, "stop": {"type": "boolean"}},
 }
 SSE_DESCRIPTION = (
     "With `stream: true`: server-sent events, one `data: <JSON>` line per event, ending with `data: [DONE]`. "
-    "Each JSON is a {name} (per refinement pass a chunk carries a `draft`; errors after the stream started come "
+    "Each JSON is a `{name}` (per refinement pass a chunk carries a `draft`; errors after the stream started come "
     "as one error-envelope event). U+0085, U+2028 and U+2029 are escaped in the JSON, so line-based clients can "
     "split the stream safely."
 )
 
 
-def install_openapi(app: FastAPI) -> None:
+def install_openapi(app: FastAPI, limits: Callable[[], dict | None]) -> None:
+    """`limits()` gives the loaded model's `vocab_size` and `max_model_len` (None while it loads): the document then
+    bounds prompt token ids and answer lengths by them. It is cached once the model is loaded."""
+
     def openapi() -> dict:
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            app.openapi_schema = _truthful(doc)
+            doc = _truthful(doc)
+            model = limits()
+            if model is None:
+                return doc
+            _model_bounds(doc, **model)
+            app.openapi_schema = doc
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def _model_bounds(doc: dict, vocab_size: int, max_model_len: int) -> None:
+    schemas = doc["components"]["schemas"]
+
+    def bound_integers(node: object, maximum: int, minimum: int | None = None) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "integer":
+                node["maximum"] = min(node.get("maximum", maximum), maximum)
+                if minimum is not None:
+                    node["minimum"] = max(node.get("minimum", minimum), minimum)
+            for value in node.values():
+                bound_integers(value, maximum, minimum)
+        elif isinstance(node, list):
+            for value in node:
+                bound_integers(value, maximum, minimum)
+
+    bound_integers(schemas["CompletionRequest"]["properties"]["prompt"], vocab_size - 1, 0)
+    for name, fields in {
+        "CompletionRequest": ("max_tokens", "middle_lengths"),
+        "ChatCompletionRequest": ("max_tokens", "max_completion_tokens"),
+        "InfillRequest": ("n_predict",),
+    }.items():
+        for field in fields:
+            bound_integers(schemas[name]["properties"][field], max_model_len)
+    bound_integers(schemas["Infill"]["properties"]["template"], max_model_len)
+
+
+def _sse_event(chunk: str) -> dict:
+    """One server-sent event: its `data` is `[DONE]` or JSON, a chunk or (after a failure) the error envelope."""
+    return {
+        "type": "object",
+        "description": SSE_DESCRIPTION.format(name=chunk),
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"const": "[DONE]"},
+                    {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {
+                            "anyOf": [
+                                {"$ref": f"#/components/schemas/{chunk}"},
+                                {"$ref": "#/components/schemas/ErrorResponse"},
+                            ]
+                        },
+                    },
+                ]
+            }
+        },
+    }
+
+
+def _exact_int64_bounds(node: object) -> None:
+    """int64 bounds (seeds) come out of the document's generation as floats, 2**63 instead of 2**63 - 1, one past
+    the limit: write them as the exact integers."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key, exact in (("maximum", SEED_MAX), ("minimum", SEED_MIN)):
+                if isinstance(node.get(key), float) and abs(node[key]) >= 2**53:
+                    node[key] = exact
+                elif isinstance(node.get(key), float) and node[key].is_integer():
+                    node[key] = int(node[key])
+        for value in node.values():
+            _exact_int64_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _exact_int64_bounds(value)
+
+
+_TRUE = {"const": True}
+_NOT_FORCED = [None, "none", "auto"]
+
+
+def _present(*fields: str) -> dict:
+    """JSON Schema for: each of `fields` is in the body and not null."""
+    return {"required": list(fields), "properties": {f: {"not": {"type": "null"}} for f in fields}}
+
+
+def _request_rules(components: dict) -> None:
+    """The server's cross-field rules (serving.reject_unsupported) written into the request schemas, so that a
+    request the document calls valid is one the server takes. Rules JSON Schema cannot state (t_min <= t_max, a
+    named tool among `tools`, a JSON schema or grammar the grammar engine can compile) stay in the descriptions
+    and their errors carry their own codes."""
+    common = [
+        {"if": _present("stream_options"), "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}},
+        {"not": _present("infill", "prediction")},
+        {"not": _present("infill", "response_format")},
+        {"not": _present("infill", "structured_outputs")},
+    ]
+    chat = [
+        {
+            "if": _present("top_logprobs"),
+            "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+        },
+        {
+            "if": {
+                "required": ["tool_choice"],
+                "properties": {"tool_choice": {"not": {"enum": [None, "none", "auto"]}}},
+            },
+            "then": {
+                "required": ["tools"],
+                "properties": {"tools": {"type": "array", "minItems": 1}},
+                "not": _present("infill"),
+            },
+        },
+    ]
+    completion = [
+        {"not": _present("suffix", "infill")},
+        {"not": _present("suffix", "response_format")},
+        {"not": _present("suffix", "structured_outputs")},
+        {"if": _present("middle_lengths"), "then": _present("suffix")},
+    ]
+    for name, rules in (("ChatCompletionRequest", common + chat), ("CompletionRequest", common + completion)):
+        schema = components[name]
+        schema["allOf"] = [*schema.get("allOf", []), *rules]
+        props = schema["properties"]
+        props["logit_bias"] = {"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}],
+                               "description": "Not supported: only an empty object or null."}  # fmt: skip
+        if "echo" in props:
+            props["echo"] = {"anyOf": [{"const": False}, {"type": "null"}], "description": "Not supported."}
+        if "best_of" in props:
+            props["best_of"] = {"type": "null", "description": "Not supported."}
+
+
+def _text_parts_only(components: dict) -> None:
+    """Content parts other than text (images, audio, files, refusals) are parsed only to be refused with an error
+    naming them: the document offers text parts alone."""
+    components.pop("OtherPart", None)
+    text = {"$ref": "#/components/schemas/TextPart"}
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if any(isinstance(o, dict) and o.get("$ref", "").endswith("/OtherPart") for o in node.get("oneOf", [])):
+                node.clear()
+                node.update(text)
+                return
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(components)
 
 
 def _truthful(doc: dict) -> dict:
@@ -56,6 +217,22 @@ def _truthful(doc: dict) -> dict:
         for name, sub in schema.pop("$defs", {}).items():
             components.setdefault(name, sub)
         components[model.__name__] = schema
+    components["InfillChunk"] = INFILL_CHUNK
+    _exact_int64_bounds(components)
+    _request_rules(components)
+    _text_parts_only(components)
+    components["Infill"]["properties"]["template"]["items"] = {
+        "anyOf": [
+            {"type": "string", "description": "Fixed text."},
+            {
+                "type": "object",
+                "description": "A hole: up to N tokens for the model to fill.",
+                "required": ["hole"],
+                "properties": {"hole": {"type": "integer", "minimum": 1}},
+                "additionalProperties": False,
+            },
+        ]
+    }
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     for path, item in doc.get("paths", {}).items():
         for method, operation in item.items():
@@ -68,11 +245,7 @@ def _truthful(doc: dict) -> dict:
                     continue  # GET /v1/models takes no body and runs nothing
                 responses[str(status)] = {"description": description, "content": error}
             if path in GENERATION_PATHS:
-                chunk = GENERATION_PATHS[path]
+                name = GENERATION_PATHS[path]
                 ok = responses.setdefault("200", {"description": "Successful Response"})
-                name = f"`{chunk.__name__}`" if chunk is not None else "llama.cpp-style chunk"
-                ok.setdefault("content", {})["text/event-stream"] = {
-                    "schema": {"type": "string", "description": SSE_DESCRIPTION.format(name=name)},
-                    **({"x-event-data": {"$ref": f"#/components/schemas/{chunk.__name__}"}} if chunk else {}),
-                }
+                ok.setdefault("content", {})["text/event-stream"] = {"schema": _sse_event(name)}
     return doc

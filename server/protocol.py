@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
 
 # OpenAI's seed is an int64.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -21,8 +21,27 @@ def _json_number(value: object) -> object:
     return value
 
 
-# A float field that accepts JSON numbers only (integers included), not booleans or numeric strings.
-Number = Annotated[float, BeforeValidator(_json_number)]
+def _json_integer(value: object) -> object:
+    """A JSON Schema integer: an int, or a number with no fractional part (9.0), but not a boolean or a string."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("Input should be an integer")
+    return value
+
+
+JSON_INTEGER = BeforeValidator(_json_integer)
+Integer = Annotated[int, JSON_INTEGER]
+PositiveInteger = Annotated[int, Field(ge=1), JSON_INTEGER]
+# A stop sequence, as the engine takes it (engine/sampling_params.py).
+StopString = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX, json_schema_extra={"format": "int64"}), JSON_INTEGER]
+
+
+# A float field's last metadata (after its Field, so the bounds still reach the JSON schema): JSON numbers only
+# (integers included), not booleans or numeric strings.
+JSON_NUMBER = BeforeValidator(_json_number)
+Number = Annotated[float, JSON_NUMBER]
 
 
 class StreamOptions(BaseModel):
@@ -98,28 +117,30 @@ class DiffusionParams(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: StrictStr
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
-    seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
-    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
+    max_tokens: Annotated[int, Field(ge=1), JSON_INTEGER] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = None
+    seed: (
+        Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX, json_schema_extra={"format": "int64"}), JSON_INTEGER] | None
+    ) = None
+    temperature: Annotated[float, Field(ge=0, le=2), JSON_NUMBER] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1), JSON_NUMBER] | None = None
+    n: Annotated[int, Field(ge=1, le=16), JSON_INTEGER] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     # Accepted for compatibility; they have no diffusion counterpart and are ignored.
-    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2), JSON_NUMBER] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2), JSON_NUMBER] | None = None
     # Rejected with a clear error when set to something we cannot honour (see serving.reject_unsupported).
     logit_bias: dict[str, Number] | None = None
     # Diffusion extensions.
-    denoising_steps: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
-    entropy_bound: Annotated[Number, Field(gt=0)] | None = None
-    t_min: Annotated[Number, Field(ge=0, le=10)] | None = None
-    t_max: Annotated[Number, Field(ge=0, le=10)] | None = None
-    stability_threshold: Annotated[StrictInt, Field(ge=0, le=1024)] | None = None
-    confidence_threshold: Annotated[Number, Field(gt=0)] | None = None
+    denoising_steps: Annotated[int, Field(ge=1, le=1024), JSON_INTEGER] | None = None
+    entropy_bound: Annotated[float, Field(gt=0), JSON_NUMBER] | None = None
+    t_min: Annotated[float, Field(ge=0, le=10), JSON_NUMBER] | None = None
+    t_max: Annotated[float, Field(ge=0, le=10), JSON_NUMBER] | None = None
+    stability_threshold: Annotated[int, Field(ge=0, le=1024), JSON_INTEGER] | None = None
+    confidence_threshold: Annotated[float, Field(gt=0), JSON_NUMBER] | None = None
     # As in vLLM: keep denoising canvases past EOS until max_tokens (benchmarks, load tests).
     ignore_eos: StrictBool = False
     # Structured outputs (both endpoints): OpenAI's response_format, or vLLM's structured_outputs.
@@ -176,9 +197,9 @@ class NamedToolChoice(BaseModel):
 
 class ChatCompletionRequest(DiffusionParams):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), JSON_INTEGER] | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20), JSON_INTEGER] | None = None
     tools: Annotated[list[ToolDef], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
@@ -190,16 +211,18 @@ class CompletionRequest(DiffusionParams):
     prompt: (
         StrictStr
         | Annotated[list[StrictStr], Field(min_length=1)]
-        | Annotated[list[StrictInt], Field(min_length=1)]
-        | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)]
+        | Annotated[list[Integer], Field(min_length=1)]
+        | Annotated[list[Annotated[list[Integer], Field(min_length=1)]], Field(min_length=1)]
     )
     echo: StrictBool = False
     suffix: StrictStr | None = None
     # Press extension for `suffix`: the middle lengths to try (default: max_tokens, then halves; see README).
-    middle_lengths: Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=1, max_length=8)] | None = None
+    middle_lengths: (
+        Annotated[list[Annotated[int, Field(ge=1), JSON_INTEGER]], Field(min_length=1, max_length=8)] | None
+    ) = None
     # Alternatives per token (OpenAI allows up to 5 here; Press, like vLLM, up to 20).
-    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-    best_of: StrictInt | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20), JSON_INTEGER] | None = None
+    best_of: Integer | None = None
 
 
 # ---------------------------------------------------------------- responses

@@ -90,6 +90,7 @@ class Serving:
                 raise bad_request(
                     f"'tool_choice' names the function '{choice.function.name}', which is not among 'tools'.",
                     param="tool_choice.function.name",
+                    code="unknown_tool",
                 )
         structured = req.response_format is not None or req.structured_outputs is not None
         if req.infill is not None and req.prediction is not None:
@@ -105,8 +106,8 @@ class Serving:
                 raise bad_request("'suffix' cannot be combined with structured outputs.", param="suffix")
             if req.middle_lengths is not None and req.suffix is None:
                 raise bad_request("'middle_lengths' applies to 'suffix' requests only.", param="middle_lengths")
-            if req.best_of is not None and req.best_of != req.n:
-                raise bad_request("'best_of' other than n is not supported.", param="best_of")
+            if req.best_of is not None:
+                raise bad_request("'best_of' is not supported by this diffusion server.", param="best_of")
 
     def sampling_params(self, req: DiffusionParams, max_tokens: int | None, prompt_len: int) -> SamplingParams:
         """Resolve request fields over the checkpoint's defaults into concrete SamplingParams."""
@@ -123,7 +124,11 @@ class Serving:
         if req.t_min is not None:
             t_min = req.t_min
         if t_min > t_max:
-            raise bad_request(f"'t_min' ({t_min}) must not exceed t_max / temperature ({t_max}).", param="t_min")
+            raise bad_request(
+                f"'t_min' ({t_min}) must not exceed t_max / temperature ({t_max}).",
+                param="t_min",
+                code="invalid_schedule",
+            )
         if t_max == 0:
             t_min = 0.0
         if max_tokens is None:
@@ -168,6 +173,7 @@ class Serving:
                 raise bad_request(
                     f"'max_tokens' ({max_tokens}) is shorter than the infill template ({variant.max_tokens} tokens).",
                     param="max_tokens",
+                    code="template_too_long",
                 )
             return [variant], "infill.template"
         if req.prediction is not None:

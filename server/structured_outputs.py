@@ -38,13 +38,15 @@ def _json_schema(schema: object, param: str) -> GrammarSource:
         try:
             schema = json.loads(schema)
         except ValueError as exc:
-            raise bad_request(f"The JSON schema is not valid JSON: {exc}", param=param) from exc
+            raise bad_request(
+                f"The JSON schema is not valid JSON: {exc}", param=param, code="invalid_json_schema"
+            ) from exc
     if not isinstance(schema, dict):
-        raise bad_request("The JSON schema must be a JSON object.", param=param)
+        raise bad_request("The JSON schema must be a JSON object.", param=param, code="invalid_json_schema")
     try:
         return GrammarSource(LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT), param, "JSON schema")
     except ValueError as exc:
-        raise bad_request(f"The JSON schema cannot be used: {exc}", param=param) from exc
+        raise bad_request(f"The JSON schema cannot be used: {exc}", param=param, code="invalid_json_schema") from exc
 
 
 def grammar_source(req: DiffusionParams) -> GrammarSource | None:
@@ -92,7 +94,7 @@ def grammar_source(req: DiffusionParams) -> GrammarSource | None:
     try:  # Lark as llguidance reads it; a GBNF grammar (llama.cpp) is converted to Lark first
         return GrammarSource(grammar_from("grammar", so.grammar), param, "grammar")
     except ValueError as exc:
-        raise bad_request(f"The grammar cannot be used: {exc}", param=param) from exc
+        raise bad_request(f"The grammar cannot be used: {exc}", param=param, code="invalid_grammar") from exc
 
 
 def compile_request(engine: LLMEngine, req: DiffusionParams):
@@ -113,4 +115,6 @@ def compile_request(engine: LLMEngine, req: DiffusionParams):
     try:
         return engine.compile_grammar(source.grammar)
     except GrammarError as exc:
-        raise bad_request(f"The {source.what} cannot be used: {exc}", param=source.param) from exc
+        raise bad_request(
+            f"The {source.what} cannot be used: {exc}", param=source.param, code="invalid_grammar"
+        ) from exc

@@ -36,7 +36,7 @@ BAD = [
     ("too-many-stops", CHAT, {**OK_CHAT, "stop": [str(i) for i in range(17)]}, 400, "stop", "invalid_value"),
     ("denoising-steps-zero", CHAT, {**OK_CHAT, "denoising_steps": 0}, 400, "denoising_steps", "invalid_value"),
     ("entropy-bound-negative", CHAT, {**OK_CHAT, "entropy_bound": -1}, 400, "entropy_bound", "invalid_value"),
-    ("t-min-above-t-max", CHAT, {**OK_CHAT, "t_min": 0.9, "t_max": 0.5}, 400, "t_min", None),
+    ("t-min-above-t-max", CHAT, {**OK_CHAT, "t_min": 0.9, "t_max": 0.5}, 400, "t_min", "invalid_schedule"),
     ("confidence-zero", CHAT, {**OK_CHAT, "confidence_threshold": 0}, 400, "confidence_threshold", "invalid_value"),
     ("stability-negative", CHAT, {**OK_CHAT, "stability_threshold": -1}, 400, "stability_threshold",
      "invalid_value"),
@@ -84,7 +84,7 @@ BAD = [
     ("template-beyond-context", CHAT, {**OK_CHAT, "max_tokens": None, "infill": {"template": [{"hole": 10**5}]}},
      400, "infill.template", "context_length_exceeded"),
     ("template-over-max-tokens", CHAT, {**OK_CHAT, "infill": {"template": ["a", {"hole": 30}]}}, 400, "max_tokens",
-     None),
+     "template_too_long"),
     ("template-and-schema", CHAT, {**OK_CHAT, "max_tokens": None, "infill": {"template": [{"hole": 3}]},
      "response_format": {"type": "json_object"}}, 400, "infill", None),
     ("prediction-image-part", CHAT, {**OK_CHAT, "prediction": {"type": "content", "content": [

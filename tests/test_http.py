@@ -332,3 +332,25 @@ def test_infill_with_nothing_before_the_gap(server):
                                                       "seed": 1, **FAST}, timeout=60)  # fmt: skip
     assert r.status_code == 200, r.text
     assert isinstance(r.json()["content"], str) and r.json()["tokens_predicted"] >= 1
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+def test_one_finish_reason_when_the_last_text_was_held_back(client, chat):
+    """The answer ends with the start of a stop string ("... wor" against the stop "world"), so its last text is
+    held back until the choice finishes and then flushed with it: each of n choices still gets exactly one
+    finish_reason, and the held-back text arrives."""
+    kwargs = dict(model="tiny-random", n=2, seed=5, stop=["world"], stream=True,
+                  extra_body={**FAST, "infill": {"template": ["Hello wor"]}})  # fmt: skip
+    if chat:
+        chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kwargs))
+    else:
+        chunks = list(client.completions.create(prompt="hi", **kwargs))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        finishes = [c.finish_reason for c in mine if c.finish_reason]
+        assert finishes == ["stop"]
+        text = "".join((c.delta.content or "") if chat else c.text for c in mine)
+        assert text == "Hello wor"
+        # Flushed at the finish: with the finish chunk (completions) or the delta right before it (chat).
+        tail = "".join((c.delta.content or "") if chat else c.text for c in mine[-2:])
+        assert tail.endswith("wor") and mine[-2].finish_reason is None

@@ -1,0 +1,107 @@
+"""Fuzz a real `press serve` on the built-in model with Schemathesis, every check on, against its own
+/openapi.json; prints a one-line summary and exits non-zero on any failure or error.
+
+    python -m tests.fuzz.run --examples 1500     # `make fuzz`: >= 10,000 generated requests
+    python -m tests.fuzz.run --examples 4        # the bounded run tests/test_fuzz.py makes
+
+The server runs with a small context (160 tokens) and a 5 s request timeout, so that the largest valid requests
+(hundreds of passes per canvas, 16 choices) end in bounded time; hooks.py lists the only refusals excused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVER_ARGS = ["--model", "tiny-random", "--max-model-len", "160", "--request-timeout", "5", "--log-level", "warning"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited before it was ready")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("the server did not get ready")
+
+
+def run(examples: int, seed: int | None, log: Path) -> dict:
+    """Start a server, fuzz it, stop it; returns the summary and the server's fate."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    bin_dir = Path(sys.executable).parent
+    with open(log, "w") as server_log:
+        server = subprocess.Popen([str(bin_dir / "press"), "serve", "--port", str(port), *SERVER_ARGS],
+                                  stdout=server_log, stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
+        try:
+            wait_ready(url, server)
+            cmd = [str(bin_dir / "st"), "run", url + "/openapi.json", "--checks", "all", "-n", str(examples),
+                   "--workers", "1", "--no-color", "--request-timeout", "60",
+                   "--generation-database", "none"]  # fmt: skip
+            if seed is not None:
+                cmd += ["--seed", str(seed)]
+            start = time.monotonic()
+            st = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz.hooks"})  # fmt: skip
+            seconds = time.monotonic() - start
+            alive = server.poll() is None
+        finally:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    out = st.stdout + st.stderr
+    cases = re.search(r"(\d+) generated, (.*)", out)
+    return {
+        "exit_code": st.returncode,
+        "generated": int(cases.group(1)) if cases else 0,
+        "outcome": cases.group(2).strip() if cases else "no summary",
+        "filtered": int(m.group(1)) if (m := re.search(r"Filtered: (\d+)", out)) else 0,
+        "seconds": seconds,
+        "server_alive": alive,
+        "output": out,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--examples", type=int, default=1500, help="Schemathesis cases per operation and phase")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--server-log", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "press-fuzz-server.log"))
+    args = ap.parse_args()
+    result = run(args.examples, args.seed, Path(args.server_log))
+    ok = result["exit_code"] == 0 and result["server_alive"]
+    if not ok:
+        print(result["output"][-6000:])
+    print(
+        f"fuzz: {result['generated']} requests generated ({result['outcome']}), {result['filtered']} excused "
+        f"refusals/timeouts, {result['seconds']:.0f} s, server {'alive' if result['server_alive'] else 'DEAD'} "
+        f"-> {'PASS' if ok else 'FAIL'}"
+    )
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
