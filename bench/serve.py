@@ -80,9 +80,27 @@ async def run(url: str, model: str, clients: int, requests: int, args: argparse.
             async with sem:
                 return await one(http, model, i, args)
 
+        health: list[float] = []
+
+        async def probe(done: asyncio.Event) -> None:
+            """/health latency while the requests run (liveness must not wait on a pass)."""
+            while not done.is_set():
+                t = time.perf_counter()
+                await http.get("/health")
+                health.append(time.perf_counter() - t)
+                await asyncio.sleep(0.05)
+
+        done = asyncio.Event()
+        prober = asyncio.create_task(probe(done))
         t0 = time.perf_counter()
         results = await asyncio.gather(*(guarded(i) for i in range(requests)))
-        return list(results), time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        done.set()
+        await prober
+        results = list(results)
+        if results and health:
+            results[0]["health"] = health
+        return results, wall
 
 
 def summarize(label: str, results: list[dict], wall: float) -> dict:
@@ -101,6 +119,8 @@ def summarize(label: str, results: list[dict], wall: float) -> dict:
         "e2e_p50_ms": pct([r["e2e"] for r in results], 50) * 1e3,
         "e2e_p95_ms": pct([r["e2e"] for r in results], 95) * 1e3,
         "tokens_per_forward": statistics.mean(tpf) if tpf else float("nan"),
+        "health_p50_ms": pct(results[0].get("health", [float("nan")]), 50) * 1e3,
+        "health_max_ms": max(results[0].get("health", [float("nan")])) * 1e3,
     }
 
 
@@ -187,14 +207,16 @@ def main() -> None:
     lines = [
         head,
         "",
-        "| run | req/s | committed tok/s | TTFD p50/p95 ms | TTFC p50/p95 ms | e2e p50/p95 ms | tokens/forward |",
-        "|---|---|---|---|---|---|---|",
+        "| run | req/s | committed tok/s | TTFD p50/p95 ms | TTFC p50/p95 ms | e2e p50/p95 ms | tokens/forward "
+        "| /health p50/max ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['run']} | {r['requests_per_s']:.2f} | {r['committed_tokens_per_s']:.0f} | "
             f"{r['ttfd_p50_ms']:.0f} / {r['ttfd_p95_ms']:.0f} | {r['ttfc_p50_ms']:.0f} / {r['ttfc_p95_ms']:.0f} "
-            f"| {r['e2e_p50_ms']:.0f} / {r['e2e_p95_ms']:.0f} | {r['tokens_per_forward']:.2f} |"
+            f"| {r['e2e_p50_ms']:.0f} / {r['e2e_p95_ms']:.0f} | {r['tokens_per_forward']:.2f} "
+            f"| {r['health_p50_ms']:.1f} / {r['health_max_ms']:.1f} |"
         )
     if args.compare_serial:
         lines += [

@@ -42,6 +42,7 @@ def _server_args(p: argparse.ArgumentParser) -> None:
                    help="also require the key on /metrics")  # fmt: skip
     p.add_argument("--cors-origins", default=None, help="comma-separated allowed origins, or *")
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (413 beyond)")
+    p.add_argument("--body-timeout", type=float, default=None, help="seconds to receive a request body (408 beyond)")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds per request, 0 = none")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted")
     p.add_argument("--shutdown-timeout", type=float, default=None, help="seconds to drain on SIGTERM")

@@ -22,6 +22,8 @@ class ServerConfig:
     cors_origins: str = ""
     # Largest request body accepted, in bytes (413 beyond).
     max_body_bytes: int = 4 * 1024 * 1024
+    # Seconds a client gets to send its whole request body (408 beyond): a slow or stalled upload is cut.
+    body_timeout: float = 30.0
     # Seconds a request may run before it is cancelled (504, or an error event in a stream); 0 = no limit.
     request_timeout: float = 600.0
     # Longest prompt accepted, in tokens; None = only the context length applies.

@@ -6,6 +6,7 @@ flight" lasts until the last SSE event has been sent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -72,9 +73,19 @@ class RequestContext:
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             # Read the whole body first (it is small: requests are JSON) so an oversized chunked upload is
             # refused with a 413 before any handler sees it, then replay it to the app.
+            # A client that sends its body slowly or never finishes it is cut at body_timeout (a 408), so it can
+            # hold a connection only that long and never reaches the engine.
             body, more = b"", True
+            deadline = time.monotonic() + self.config.body_timeout
             while more:
-                message = await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    seconds = self.config.body_timeout
+                    await reject(APIError(408, f"The request body did not arrive within {seconds:g} s.",
+                                          code="body_timeout"))  # fmt: skip
+                    self._log(scope, request_id, status["code"], started)
+                    return
                 if message["type"] == "http.disconnect":
                     return
                 body += message.get("body", b"")

@@ -21,6 +21,7 @@ ERROR_STATUSES = {
     400: "Invalid request (the OpenAI error envelope; `param` names the field).",
     401: "Missing or wrong API key (when the server has one).",
     404: "Unknown model, or unknown path.",
+    408: "The request body did not arrive within the server's body timeout.",
     413: "Request body over the server's limit.",
     500: "The generation failed in the engine (the server keeps serving).",
     503: "The model is loading, the queue is full (with Retry-After) or the server is shutting down.",
@@ -241,7 +242,7 @@ def _truthful(doc: dict) -> dict:
             if not path.startswith("/v1/") and path != "/infill":
                 continue
             for status, description in ERROR_STATUSES.items():
-                if method == "get" and status in (400, 413, 500, 504):
+                if method == "get" and status in (400, 408, 413, 500, 504):
                     continue  # GET /v1/models takes no body and runs nothing
                 responses[str(status)] = {"description": description, "content": error}
             if path in GENERATION_PATHS:

@@ -23,7 +23,7 @@ FAST = {"denoising_steps": 3}
 def ops_server(tiny_path):
     proc = ServerProcess(["--model", str(tiny_path), "--served-model-name", "tiny-random", "--api-key", KEY,
                           "--cors-origins", "https://app.example", "--max-body-bytes", "20000",
-                          "--max-prompt-tokens", "300"])  # fmt: skip
+                          "--max-prompt-tokens", "300", "--body-timeout", "1.5"])  # fmt: skip
     try:
         proc.wait_ready()
         yield proc
@@ -91,6 +91,22 @@ def test_metrics_arithmetic_matches_usage(ops_server):
     assert after["press:num_requests_running"] == 0 and after["press:num_requests_waiting"] == 0
 
 
+def test_n_choices_bill_the_prompt_once(ops_server):
+    """n choices share one prompt: usage and press:prompt_tokens_total count it once, and the generation counter
+    counts every choice's tokens."""
+    client = openai.OpenAI(base_url=ops_server.base_url + "/v1", api_key=KEY, max_retries=0)
+    before = scrape(ops_server.base_url)
+    r = client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "three"}], n=3,
+                                       max_tokens=20, seed=4, extra_body=FAST)  # fmt: skip
+    after = scrape(ops_server.base_url)
+    assert len(r.choices) == 3
+    single = client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "three"}],
+                                            max_tokens=20, seed=4, extra_body=FAST)  # fmt: skip
+    assert r.usage.prompt_tokens == single.usage.prompt_tokens
+    assert delta(after, before, "press:prompt_tokens_total") == r.usage.prompt_tokens
+    assert delta(after, before, "press:generation_tokens_total") == r.usage.completion_tokens
+
+
 def test_api_key_is_required_on_v1_only(ops_server):
     base = ops_server.base_url
     body = {"model": "tiny-random", "prompt": "x", "max_tokens": 4, **FAST}
@@ -139,6 +155,34 @@ def test_body_limit_and_prompt_limit(ops_server):
     assert r.json()["error"]["param"] == "prompt"
     assert HTTP.post(base + "/v1/completions", json={"model": "tiny-random", "prompt": [10] * 300, "max_tokens": 4,
                                                       **FAST}, headers=auth()).status_code == 200  # fmt: skip
+
+
+def test_stalled_body_is_cut_without_holding_a_slot(ops_server):
+    """A client that announces a body and stops sending it gets a 408 in the OpenAI envelope at body_timeout; the
+    engine never saw it, and the server answers others meanwhile."""
+    import socket
+
+    host, port = ops_server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        sock.sendall(head.encode() + b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model": ')
+        t0 = time.monotonic()
+        health = HTTP.get(ops_server.base_url + "/health").json()
+        assert health["running"] == 0 and health["waiting"] == 0
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            data = sock.recv(4096)
+            if not data:
+                break
+            reply += data
+        waited = time.monotonic() - t0
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply
+    assert json.loads(body)["error"]["code"] == "body_timeout"
+    assert 1.0 <= waited < 10
+    ok = HTTP.post(ops_server.base_url + "/v1/completions", json={"model": "tiny-random", "prompt": "x",
+                                                                  "max_tokens": 4, **FAST}, headers=auth())  # fmt: skip
+    assert ok.status_code == 200
 
 
 def test_request_timeout(tiny_path):

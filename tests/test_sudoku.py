@@ -96,8 +96,12 @@ def test_training_script_writes_a_checkpoint_the_engine_serves(tmp_path):
     assert engine.canvas_length == 90 and (out / "training.json").exists()
     tok = engine.tokenizer
     ids = tok(_prompt(tok, PUZZLE), add_special_tokens=False)["input_ids"]
-    [result] = run_to_end(engine, [(ids, engine.defaults.with_changes(max_tokens=90, seed=0))])
-    assert result["finish"].finish_reason in ("stop", "length")
+    params = engine.defaults.with_changes(max_tokens=90, seed=0)
+    [result] = run_to_end(engine, [(ids, params)])
+    finish = result["finish"]
+    assert finish.canvases == 1 and 1 <= finish.passes <= params.denoising_steps
+    assert finish.completion_tokens == len(result["answer_ids"]) >= 1
+    assert run_to_end(engine, [(ids, params)])[0]["answer_ids"] == result["answer_ids"]  # the seed reproduces it
 
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="tiny-sudoku not trained yet")
