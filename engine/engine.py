@@ -20,6 +20,7 @@ from engine.config import EngineConfig
 from engine.constraints import CanvasConstraints
 from engine.detokenizer import TextStream
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent, TokenLogprob
+from engine.faults import FaultInjector
 from engine.grammar import GrammarCompiler, GrammarConstraint
 from engine.loader import LoadedModel, load_model
 from engine.metrics import EngineMetrics
@@ -75,6 +76,7 @@ class LLMEngine:
         self.defaults = self.loaded.defaults
         self.metrics = EngineMetrics(config.served_model_name or config.model)
         self._grammars: GrammarCompiler | None = None
+        self.faults = FaultInjector()
         self._grammars_lock = threading.Lock()
 
     # ----------------------------------------------------------------- requests
@@ -225,6 +227,7 @@ class LLMEngine:
 
     def _denoise_pass(self, rows: list[DenoiseState], emit: Callable[[DenoiseState, Event], None]) -> None:
         start = time.perf_counter()
+        self.faults.before_pass()
         logits = self.runner.denoise_logits(rows)
         # Events wait until the pass is recorded, so a client that sees its answer also sees it in /metrics.
         events: list[tuple[DenoiseState, Event]] = []
