@@ -98,9 +98,12 @@ def test_canvases_finishing_together_are_committed_in_one_encoder_pass(batch_eng
     commits = record_batch_sizes(batch_engine.runner, "commit", monkeypatch)
     params = SamplingParams(max_tokens=96, denoising_steps=3, seed=1, eos_token_ids=[], include_drafts=False)
     # Prompts within one prefill chunk (128) start together; their caches cross the sliding window (64).
-    results = run_to_end(batch_engine, [(list(range(10, 10 + n)), params) for n in (3, 40, 9, 20, 50)])
+    requests = [(list(range(10, 10 + n)), params) for n in (3, 40, 9, 20, 50)]
+    results = run_to_end(batch_engine, requests)
     assert commits == [5, 5]  # three canvases each: two commits, the last canvas ends the request
     assert all(len(r["answer_ids"]) == 96 for r in results)
+    # Each row's later canvases attended to its own committed keys: the answers are the solo ones, token for token.
+    assert [r["answer_ids"] for r in results] == [run_to_end(batch_engine, [req])[0]["answer_ids"] for req in requests]
 
 
 @pytest.mark.parametrize("batch_invariant", [False, True], ids=["stock-kernels", "batch-invariant-kernels"])

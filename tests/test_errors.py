@@ -141,13 +141,19 @@ def test_sdk_raises_without_retrying(server):
 def test_unknown_route_and_method(server):
     r = httpx.get(server.base_url + "/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    validate(r.json(), "ErrorResponse")
     r = httpx.get(server.base_url + CHAT)
-    assert r.status_code == 405 and "error" in r.json()
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in r.headers["allow"]
+    validate(r.json(), "ErrorResponse")
 
 
 def test_unknown_fields_are_ignored(server):
-    r = httpx.post(server.base_url + CHAT, json={**OK_CHAT, "some_future_field": {"a": 1}, "presence_penalty": 0.5})
+    r = httpx.post(server.base_url + CHAT, json={**OK_CHAT, "seed": 5, "some_future_field": {"a": 1},
+                                                 "presence_penalty": 0.5}, timeout=60)  # fmt: skip
     assert r.status_code == 200
+    plain = httpx.post(server.base_url + CHAT, json={**OK_CHAT, "seed": 5}, timeout=60)
+    assert r.json()["choices"][0]["message"]["content"] == plain.json()["choices"][0]["message"]["content"]
 
 
 def test_model_that_fails_to_load_reports_503(tmp_path):
