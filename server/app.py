@@ -42,8 +42,9 @@ log = logging.getLogger("press.server")
 class ModelHolder:
     """Loads the engine on a background thread so /health and /ready answer while weights load."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, state: ServerState) -> None:
         self.settings = settings
+        self.state = state
         self.serving: Serving | None = None
         self.error: str | None = None
         self.started = time.time()
@@ -57,7 +58,8 @@ class ModelHolder:
             cfg = self.settings.engine
             engine = AsyncEngine(LLMEngine(cfg))
             name = cfg.served_model_name or cfg.model
-            self.serving = Serving(engine, name, self.settings.server, aliases=(cfg.model, engine.engine.loaded.path))
+            self.serving = Serving(engine, name, self.settings.server, aliases=(cfg.model, engine.engine.loaded.path),
+                                   state=self.state)  # fmt: skip
             log.info("model %s ready", name)
         except Exception as exc:
             log.exception("model failed to load")
@@ -86,8 +88,8 @@ class ModelHolder:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    holder = ModelHolder(settings)
     server_state = ServerState()
+    holder = ModelHolder(settings, server_state)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -46,14 +46,25 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-class RequestTimeout(Exception):
-    """A request ran past the server's request_timeout (raised while its events are awaited)."""
+class RequestCut(Exception):
+    """A request the server stopped waiting for: past request_timeout, or still running when the shutdown timeout
+    ran out. Raised while its events are awaited; `error` is what its client gets (a response, or a stream's
+    last event)."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def timeout_error(seconds: float) -> APIError:
     return APIError(
         504, f"The request did not finish within {seconds:g} s.", type="timeout_error", code="request_timeout"
     )
+
+
+def shutdown_error() -> APIError:
+    return APIError(503, "The server shut down before the request finished; retry on another instance.",
+                    type="server_error", code="shutting_down", headers={"Retry-After": "1"})  # fmt: skip
 
 
 def engine_error(detail: str | None) -> APIError:

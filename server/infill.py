@@ -23,7 +23,7 @@ from engine.constraints import CanvasConstraints
 from engine.events import CommitEvent, FinishEvent, PassEvent
 from engine.request import DenoiseState
 from server.chat import join_text_parts
-from server.errors import APIError, RequestTimeout, bad_request, engine_error, timeout_error
+from server.errors import APIError, RequestCut, bad_request, engine_error
 from server.protocol import Infill, Prediction
 from server.sse import dump
 
@@ -257,8 +257,8 @@ class FillInTheMiddle:
                                       "diffusion": diffusion}])  # fmt: skip
                 elif isinstance(event, CommitEvent) and event.logprobs:
                     logprobs[index].extend(event.logprobs)
-        except RequestTimeout:
-            yield {"data": dump(timeout_error(self.serving.config.request_timeout).body())}
+        except RequestCut as cut:
+            yield {"data": dump(cut.error.body())}
             yield {"data": "[DONE]"}
             return
         except APIError as exc:

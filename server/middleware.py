@@ -26,6 +26,9 @@ class ServerState:
     def __init__(self) -> None:
         self.inflight = 0
         self.draining = False
+        # Set when the shutdown timeout runs out: requests still running end with a 503 `shutting_down` (a
+        # response, or a stream's last event before [DONE]) instead of a dropped connection.
+        self.cutting = False
 
 
 class RequestContext:

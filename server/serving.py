@@ -22,7 +22,7 @@ from engine.request import DenoiseState
 from engine.sampling_params import REASONING_EFFORT_PRESETS, SamplingParams, SamplingParamsError
 from server.chat import ChatFormat, ParsedAnswer
 from server.config import ServerConfig
-from server.errors import APIError, RequestTimeout, bad_request, engine_error, timeout_error
+from server.errors import APIError, RequestCut, bad_request, engine_error, shutdown_error, timeout_error
 from server.infill import CanvasRequests, Variant
 from server.logprobs import LogprobFormatter
 from server.protocol import (
@@ -35,6 +35,8 @@ from server.protocol import (
 from server.sse import dump
 
 MAX_CHOICES = 64
+# How often a request waiting for its events looks at whether the shutdown timeout has run out.
+CUT_POLL_S = 0.25
 
 
 @dataclass
@@ -46,9 +48,16 @@ class ChoiceResult:
 
 class Serving:
     def __init__(
-        self, engine: AsyncEngine, model_name: str, config: ServerConfig | None = None, aliases: tuple[str, ...] = ()
+        self,
+        engine: AsyncEngine,
+        model_name: str,
+        config: ServerConfig | None = None,
+        aliases: tuple[str, ...] = (),
+        state=None,
     ) -> None:
+        """`state`: the server's ServerState, whose `cutting` ends requests at the shutdown timeout."""
         self.engine = engine
+        self.state = state
         self.config = config or ServerConfig()
         self.model_name = model_name
         self.aliases = {model_name, *aliases}
@@ -297,13 +306,16 @@ class Serving:
         try:
             remaining = len(states)
             while remaining:
-                if deadline is None:
-                    index, event = await queue.get()
-                else:
-                    try:
-                        index, event = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
-                    except asyncio.TimeoutError:
-                        raise RequestTimeout from None
+                if self.state is not None and self.state.cutting:
+                    raise RequestCut(shutdown_error())
+                # Wake at least every CUT_POLL_S to see whether the shutdown timeout has run out.
+                wait = CUT_POLL_S if deadline is None else min(CUT_POLL_S, max(0.0, deadline - loop.time()))
+                try:
+                    index, event = await asyncio.wait_for(queue.get(), wait)
+                except asyncio.TimeoutError:
+                    if deadline is not None and loop.time() >= deadline:
+                        raise RequestCut(timeout_error(self.config.request_timeout)) from None
+                    continue
                 yield index, event
                 if isinstance(event, FinishEvent):
                     remaining -= 1
@@ -342,8 +354,8 @@ class Serving:
             raise APIError(499, "Client closed the request.", code="client_closed_request")
         try:
             work.result()
-        except RequestTimeout:
-            raise timeout_error(self.config.request_timeout) from None
+        except RequestCut as cut:
+            raise cut.error from None
         for r in results:
             if r.finish is not None and r.finish.finish_reason == "error":
                 raise engine_error(r.finish.error)
@@ -542,8 +554,8 @@ class Serving:
             )
             async for item in self._stream_events(req, states, parsers, finishes, chunk, choice):
                 yield item
-        except RequestTimeout:
-            yield {"data": dump(timeout_error(self.config.request_timeout).body())}
+        except RequestCut as cut:
+            yield {"data": dump(cut.error.body())}
             yield {"data": "[DONE]"}
             return
         finally:

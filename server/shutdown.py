@@ -14,6 +14,8 @@ from fastapi import FastAPI
 from server.config import ServerConfig
 
 log = logging.getLogger("press.server")
+# Seconds the requests cut at the shutdown timeout get to send their error before the process exits.
+CUT_GRACE_S = 2.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -39,9 +41,14 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.drain_started is not None and not self.should_exit:
             waited = time.monotonic() - self.drain_started
-            if self.press_state.inflight == 0 or waited >= self.shutdown_timeout:
-                if self.press_state.inflight:
-                    log.warning("shutdown timeout: cancelling %d request(s)", self.press_state.inflight)
+            if self.press_state.inflight == 0:
+                self.should_exit = True
+            elif waited >= self.shutdown_timeout and not self.press_state.cutting:
+                # Tell the requests still running, so each client gets a 503 instead of a dropped connection,
+                # and give them CUT_GRACE_S to send it.
+                log.warning("shutdown timeout: cancelling %d request(s)", self.press_state.inflight)
+                self.press_state.cutting = True
+            elif waited >= self.shutdown_timeout + CUT_GRACE_S:
                 self.should_exit = True
         return await super().on_tick(counter)
 

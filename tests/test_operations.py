@@ -263,14 +263,14 @@ def test_shutdown_timeout_cuts_long_streams(tiny_path):
     proc.wait_ready()
     body = {"model": "tiny-random", "prompt": "long", "max_tokens": 3000, "stream": True, "ignore_eos": True}
     started = threading.Event()
+    events: list[str] = []
 
-    def stream() -> None:
-        try:
-            with httpx.stream("POST", proc.base_url + "/v1/completions", json=body, timeout=60) as r:
-                for _ in r.iter_lines():
+    def stream() -> None:  # any transport error propagates: the stream must end cleanly
+        with httpx.stream("POST", proc.base_url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
                     started.set()
-        except httpx.HTTPError:
-            pass
 
     t = threading.Thread(target=stream, daemon=True)
     t.start()
@@ -279,6 +279,12 @@ def test_shutdown_timeout_cuts_long_streams(tiny_path):
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(30) == 0
     assert time.monotonic() - t0 < 30
+    t.join(10)
+    assert not t.is_alive()
+    # The cut stream ends with the OpenAI error envelope and [DONE], not a dropped connection.
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "shutting_down" and error["type"] == "server_error"
 
 
 def test_a_failing_pass_fails_its_rows_and_the_server_keeps_serving(tiny_path):
