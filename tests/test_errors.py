@@ -180,3 +180,14 @@ def test_model_that_fails_to_load_reports_503(tmp_path):
         assert httpx.get(proc.base_url + "/ready").status_code == 503
     finally:
         proc.stop()
+
+
+def test_an_exception_while_building_the_prompt_is_a_400_for_that_request(server):
+    """chat_template_kwargs that clash with the server's own arguments make building the prompt raise: that
+    request gets a 400 invalid_messages in the envelope, and the next one is served."""
+    body = {**OK_CHAT, "chat_template_kwargs": {"add_generation_prompt": False}}
+    r = httpx.post(server.base_url + CHAT, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    validate(r.json(), "ErrorResponse")
+    assert r.json()["error"]["code"] == "invalid_messages" and r.json()["error"]["param"] == "messages"
+    assert httpx.post(server.base_url + CHAT, json=OK_CHAT, timeout=60).status_code == 200

@@ -4,7 +4,7 @@
     python -m tests.fuzz.run --examples 1500     # `make fuzz`: >= 10,000 generated requests
     python -m tests.fuzz.run --examples 4        # the bounded run tests/test_fuzz.py makes
 
-The server runs with a small context (160 tokens) and a 5 s request timeout, so that the largest valid requests
+The server runs with a small context (96 tokens) and a 3 s request timeout, so that the largest valid requests
 (hundreds of passes per canvas, 16 choices) end in bounded time; hooks.py lists the only refusals excused.
 """
 
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVER_ARGS = ["--model", "tiny-random", "--max-model-len", "160", "--request-timeout", "5", "--log-level", "warning"]
+SERVER_ARGS = ["--model", "tiny-random", "--max-model-len", "96", "--request-timeout", "3", "--log-level", "warning"]
 
 
 def free_port() -> int:
