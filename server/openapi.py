@@ -147,8 +147,15 @@ def _request_rules(components: dict) -> None:
     request the document calls valid is one the server takes. Rules JSON Schema cannot state (t_min <= t_max, a
     named tool among `tools`, a JSON schema or grammar the grammar engine can compile) stay in the descriptions
     and their errors carry their own codes."""
+    structured = {"type": "object", "required": ["type"], "properties": {"type": {"not": {"const": "text"}}}}
     common = [
         {"if": _present("stream_options"), "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}},
+        {
+            "not": {
+                "required": ["response_format", "structured_outputs"],
+                "properties": {"response_format": structured, "structured_outputs": {"type": "object"}},
+            }
+        },
         {"not": _present("infill", "prediction")},
         {"not": _present("infill", "response_format")},
         {"not": _present("infill", "structured_outputs")},
@@ -166,7 +173,11 @@ def _request_rules(components: dict) -> None:
             "then": {
                 "required": ["tools"],
                 "properties": {"tools": {"type": "array", "minItems": 1}},
-                "not": _present("infill"),
+                "allOf": [
+                    {"not": _present("infill")},
+                    {"not": _present("structured_outputs")},
+                    {"not": {"required": ["response_format"], "properties": {"response_format": structured}}},
+                ],
             },
         },
     ]
@@ -175,6 +186,17 @@ def _request_rules(components: dict) -> None:
         {"not": _present("suffix", "response_format")},
         {"not": _present("suffix", "structured_outputs")},
         {"if": _present("middle_lengths"), "then": _present("suffix")},
+    ]
+    # structured_outputs: exactly one kind (json_object counts when true); response_format json_schema needs one.
+    kinds = [_present(k) for k in ("json", "regex", "choice", "grammar")] + [
+        {"required": ["json_object"], "properties": {"json_object": {"const": True}}}
+    ]
+    components["StructuredOutputs"]["allOf"] = [
+        {"anyOf": kinds},
+        *({"not": {"allOf": [a, b]}} for i, a in enumerate(kinds) for b in kinds[i + 1 :]),
+    ]
+    components["ResponseFormat"]["allOf"] = [
+        {"if": {"properties": {"type": {"const": "json_schema"}}}, "then": _present("json_schema")}
     ]
     for name, rules in (("ChatCompletionRequest", common + chat), ("CompletionRequest", common + completion)):
         schema = components[name]

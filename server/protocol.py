@@ -214,7 +214,7 @@ class CompletionRequest(DiffusionParams):
         | Annotated[list[Integer], Field(min_length=1)]
         | Annotated[list[Annotated[list[Integer], Field(min_length=1)]], Field(min_length=1)]
     )
-    echo: StrictBool = False
+    echo: StrictBool | None = False
     suffix: StrictStr | None = None
     # Press extension for `suffix`: the middle lengths to try (default: max_tokens, then halves; see README).
     middle_lengths: (
