@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -24,7 +23,7 @@ from engine.loader import load_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.tiny_random import build_tiny_model, save_checkpoint  # noqa: E402
 from tests.helpers import run_to_end  # noqa: E402
-from tests.test_equivalence import CASES, reference  # noqa: E402
+from tests.test_equivalence import CASES, reference_case  # noqa: E402
 
 
 def first_pass_logits(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> torch.Tensor:
@@ -50,34 +49,14 @@ def main() -> None:
                 model.lm_head.weight.mul_(sharpen)
             save_checkpoint(model, path)
             loaded = load_model(EngineConfig(model=str(path), batch_invariant=False))
-            start = time.perf_counter()
             compiled = LLMEngine(
                 EngineConfig(model=str(path), max_num_seqs=1, compile=True, batch_invariant=False), loaded=loaded
             )
             eager = LLMEngine(EngineConfig(model=str(path), compile=False, batch_invariant=False), loaded=loaded)
-            engines[canvas, sharpen] = (loaded, compiled, eager, time.perf_counter() - start)
+            engines[canvas, sharpen] = (loaded, compiled, eager)
         for case in CASES:
-            loaded, compiled, eager, _ = engines[case.canvas, case.sharpen]
-            gen = torch.Generator().manual_seed(1000 + case.seed)
-            prompt = torch.randint(10, loaded.vocab_size, (case.prompt_len,), generator=gen).tolist()
-            eos = [1]
-            if case.eos_at is not None:
-                eos = [reference(loaded.model, prompt, case, eos)[0][case.eos_at]]
-            ref_tokens, _ = reference(loaded.model, prompt, case, eos)
-            eos_pos = next((i for i, t in enumerate(ref_tokens) if t in eos), None)
-            expected = (ref_tokens if eos_pos is None else ref_tokens[: eos_pos + 1])[: case.max_tokens]
-            params = SamplingParams(
-                max_tokens=case.max_tokens,
-                denoising_steps=case.steps,
-                entropy_bound=case.entropy_bound,
-                t_min=case.t_min,
-                t_max=case.t_max,
-                stability_threshold=case.stability,
-                confidence_threshold=case.confidence,
-                seed=case.seed,
-                eos_token_ids=eos,
-                include_drafts=False,
-            )
+            loaded, compiled, eager = engines[case.canvas, case.sharpen]
+            prompt, params, expected, _, _ = reference_case(loaded, case)
             got = run_to_end(compiled, [(prompt, params)])[0]["answer_ids"]
             diff = (first_pass_logits(compiled, prompt, params) - first_pass_logits(eager, prompt, params)).abs().max()
             same = sum(a == b for a, b in zip(got, expected, strict=False))

@@ -265,6 +265,15 @@ class LLMEngine:
         return state.constraints is None and not in_pass_grammar and state.params.top_p >= 1.0
 
     @staticmethod
+    def _outcomes(stats: list[list[float]], ids: list[list[int]], masks: list[list[bool]]) -> list[PassOutcome]:
+        """A pass's host copy (per row: accepted, mean entropy, stable, confident; argmax ids; acceptance) as
+        outcomes."""
+        return [
+            PassOutcome(ids[i], int(a), masks[i], mean_entropy=m, stable=bool(st), confident=bool(c))
+            for i, (a, m, st, c) in enumerate(stats)
+        ]
+
+    @staticmethod
     def _temperatures(rows: list[DenoiseState]) -> torch.Tensor:
         """Each row's temperature at this pass (1 for greedy rows), float32 as the reference computes it."""
         temps = []
@@ -317,10 +326,7 @@ class LLMEngine:
             state.history = history[i, depth - state.history.shape[0] :]
             state.self_conditioning = processed[i]
         stats, ids, masks = stats[:n].tolist(), argmax[:n].tolist(), accepted[:n].tolist()
-        return [
-            PassOutcome(ids[i], int(a), masks[i], mean_entropy=m, stable=bool(st), confident=bool(c))
-            for i, (a, m, st, c) in enumerate(stats)
-        ]
+        return self._outcomes(stats, ids, masks)
 
     @torch.inference_mode()
     def _sample_rows(self, rows: list[DenoiseState], logits: torch.Tensor) -> list[PassOutcome]:
@@ -379,10 +385,7 @@ class LLMEngine:
             dim=1,
         ).tolist()  # the pass's one copy to the host, with the argmax canvases and acceptance below
         ids, masks = argmax_canvas.tolist(), accepted.tolist()
-        return [
-            PassOutcome(ids[i], int(a), masks[i], mean_entropy=m, stable=bool(st), confident=bool(c))
-            for i, (a, m, st, c) in enumerate(stats)
-        ]
+        return self._outcomes(stats, ids, masks)
 
     def _after_pass(self, state: DenoiseState, outcome: PassOutcome, emit: Callable) -> bool:
         """Count the pass, report it, and settle the canvas when it is done (in row order). True when the

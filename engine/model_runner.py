@@ -210,15 +210,17 @@ class ModelRunner:
             **{CACHE_KW: state.cache},
         )
 
-    def _gathered_prefix(self, rows: list[DenoiseState]) -> tuple[BatchedPrefix, dict]:
-        """The rows' caches left-padded for the decoder, with what hides each row's padding; cached."""
-        key = tuple((s.request_id, s.cached_len) for s in rows)
+    def _gathered_prefix(self, rows: list[DenoiseState], batch: int | None = None) -> tuple[BatchedPrefix, dict]:
+        """The rows' caches left-padded for the decoder, with what hides each row's padding; cached. With `batch`
+        (a compiled pass): `batch` rows, lengths padded to a multiple of LENGTH_MULTIPLE, every mask materialised."""
+        key = (batch, *((s.request_id, s.cached_len) for s in rows))
         if key == self._prefix_key and self._prefix is not None:
             return self._prefix
         self._prefix = None  # free the previous gathered copy before building the next
-        layers, pads = self._pad_caches(rows)
+        layers, pads = self._pad_caches(rows, batch, LENGTH_MULTIPLE if batch else 1)
+        mask = self._visible if batch else self._prefix_mask
         masks = {
-            layer_type: self._prefix_mask(row_pads, layers[self.layer_types.index(layer_type)].keys.shape[-2])
+            layer_type: mask(row_pads, layers[self.layer_types.index(layer_type)].keys.shape[-2])
             for layer_type, row_pads in pads.items()
         }
         self._prefix_key, self._prefix = key, (BatchedPrefix(layers), masks)
@@ -264,21 +266,6 @@ class ModelRunner:
         visible = keys[None, :] >= torch.tensor(pads, device=self.device)[:, None]
         return visible[:, None, None, :].expand(-1, 1, self.canvas_length, -1).contiguous()
 
-    def _static_prefix(self, rows: list[DenoiseState], batch: int) -> tuple[BatchedPrefix, dict]:
-        """The rows' caches gathered for a compiled pass of `batch` rows: lengths padded to a multiple of
-        LENGTH_MULTIPLE, every mask materialised; cached like `_gathered_prefix`."""
-        key = ("static", batch, *((s.request_id, s.cached_len) for s in rows))
-        if key == self._prefix_key and self._prefix is not None:
-            return self._prefix
-        self._prefix = None
-        layers, pads = self._pad_caches(rows, batch, LENGTH_MULTIPLE)
-        masks = {
-            layer_type: self._visible(row_pads, layers[self.layer_types.index(layer_type)].keys.shape[-2])
-            for layer_type, row_pads in pads.items()
-        }
-        self._prefix_key, self._prefix = key, (BatchedPrefix(layers), masks)
-        return self._prefix
-
     def release_prefix(self) -> None:
         self._prefix_key, self._prefix = None, None
 
@@ -320,7 +307,7 @@ class ModelRunner:
         """The same pass through the compiled graph of the rows' bucket: rows padded with ones that see only
         their own (zero) canvas, self-conditioning always given (zeroed by its mask on a first pass)."""
         n, batch = len(rows), self.compiled.bucket(len(rows))
-        prefix, masks = self._static_prefix(rows, batch)
+        prefix, masks = self._gathered_prefix(rows, batch)
         canvas = torch.zeros((batch, self.canvas_length), dtype=torch.long, device=self.device)
         canvas[:n] = torch.stack([s.canvas for s in rows])
         offsets = torch.tensor([s.cached_len for s in rows] + [0] * (batch - n), dtype=torch.int32, device=self.device)

@@ -64,20 +64,27 @@ def install_openapi(app: FastAPI, limits: Callable[[], dict | None]) -> None:
     app.openapi = openapi
 
 
+def _subschemas(node: object):
+    """Every object in a JSON tree, each before what it holds (so one rewritten when yielded is walked as
+    rewritten)."""
+    if isinstance(node, dict):
+        yield node
+        for value in list(node.values()):
+            yield from _subschemas(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _subschemas(value)
+
+
 def _model_bounds(doc: dict, vocab_size: int, max_model_len: int) -> None:
     schemas = doc["components"]["schemas"]
 
     def bound_integers(node: object, maximum: int, minimum: int | None = None) -> None:
-        if isinstance(node, dict):
-            if node.get("type") == "integer":
-                node["maximum"] = min(node.get("maximum", maximum), maximum)
+        for schema in _subschemas(node):
+            if schema.get("type") == "integer":
+                schema["maximum"] = min(schema.get("maximum", maximum), maximum)
                 if minimum is not None:
-                    node["minimum"] = max(node.get("minimum", minimum), minimum)
-            for value in node.values():
-                bound_integers(value, maximum, minimum)
-        elif isinstance(node, list):
-            for value in node:
-                bound_integers(value, maximum, minimum)
+                    schema["minimum"] = max(schema.get("minimum", minimum), minimum)
 
     bound_integers(schemas["CompletionRequest"]["properties"]["prompt"], vocab_size - 1, 0)
     for name, fields in {
@@ -119,18 +126,13 @@ def _sse_event(chunk: str) -> dict:
 def _exact_int64_bounds(node: object) -> None:
     """int64 bounds (seeds) come out of the document's generation as floats, 2**63 instead of 2**63 - 1, one past
     the limit: write them as the exact integers."""
-    if isinstance(node, dict):
-        if node.get("type") == "integer":
+    for schema in _subschemas(node):
+        if schema.get("type") == "integer":
             for key, exact in (("maximum", SEED_MAX), ("minimum", SEED_MIN)):
-                if isinstance(node.get(key), float) and abs(node[key]) >= 2**53:
-                    node[key] = exact
-                elif isinstance(node.get(key), float) and node[key].is_integer():
-                    node[key] = int(node[key])
-        for value in node.values():
-            _exact_int64_bounds(value)
-    elif isinstance(node, list):
-        for value in node:
-            _exact_int64_bounds(value)
+                if isinstance(schema.get(key), float) and abs(schema[key]) >= 2**53:
+                    schema[key] = exact
+                elif isinstance(schema.get(key), float) and schema[key].is_integer():
+                    schema[key] = int(schema[key])
 
 
 _TRUE = {"const": True}
@@ -216,19 +218,10 @@ def _text_parts_only(components: dict) -> None:
     components.pop("OtherPart", None)
     text = {"$ref": "#/components/schemas/TextPart"}
 
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            if any(isinstance(o, dict) and o.get("$ref", "").endswith("/OtherPart") for o in node.get("oneOf", [])):
-                node.clear()
-                node.update(text)
-                return
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(components)
+    for schema in _subschemas(components):
+        if any(isinstance(o, dict) and o.get("$ref", "").endswith("/OtherPart") for o in schema.get("oneOf", [])):
+            schema.clear()
+            schema.update(text)
 
 
 def _truthful(doc: dict) -> dict:

@@ -123,14 +123,10 @@ def reference(model, prompt: list[int], case: Case, eos: list[int]):
     return out.sequences[0, len(prompt) :].tolist(), float(out.tokens_per_forward[0])
 
 
-@pytest.mark.parametrize("batch_invariant", [False, True], ids=["stock-kernels", "batch-invariant-kernels"])
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_engine_matches_transformers_generate(loaded_models, case: Case, batch_invariant: bool):
-    """With stock kernels the engine is compared with transformers as shipped. With the batch-invariant
-    kernels (engine default) the reference runs on the very same patched model, so the comparison proves
-    the algorithm, not the floating-point schedule of the expert GEMMs."""
-    loaded = loaded_models(case.canvas, case.sharpen, batch_invariant)
-    engine = LLMEngine(EngineConfig(model=loaded.path, batch_invariant=batch_invariant), loaded=loaded)
+def reference_case(loaded, case: Case) -> tuple[list[int], SamplingParams, list[int], int | None, float]:
+    """A case as the engine gets it and what the reference makes of it: (prompt, sampling params, expected answer
+    tokens, position of the reference's first EOS or None, the reference's tokens_per_forward). Shared with
+    bench/compiled.py."""
     gen = torch.Generator().manual_seed(1000 + case.seed)
     prompt = torch.randint(10, loaded.vocab_size, (case.prompt_len,), generator=gen).tolist()
     eos = [1]
@@ -138,14 +134,9 @@ def test_engine_matches_transformers_generate(loaded_models, case: Case, batch_i
         ref_tokens, _ = reference(loaded.model, prompt, case, eos)
         eos = [ref_tokens[case.eos_at]]
     ref_tokens, ref_tpf = reference(loaded.model, prompt, case, eos)
-
     # What the reference commits as the answer: up to and including the first EOS, at most max_tokens.
     eos_pos = next((i for i, t in enumerate(ref_tokens) if t in eos), None)
     expected = ref_tokens if eos_pos is None else ref_tokens[: eos_pos + 1]
-    expected = expected[: case.max_tokens]
-    if case.eos_at is not None:
-        assert eos_pos == case.eos_at  # the case really puts EOS inside the answer
-
     params = SamplingParams(
         max_tokens=case.max_tokens,
         denoising_steps=case.steps,
@@ -158,6 +149,21 @@ def test_engine_matches_transformers_generate(loaded_models, case: Case, batch_i
         eos_token_ids=eos,
         include_drafts=False,
     )
+    return prompt, params, expected[: case.max_tokens], eos_pos, ref_tpf
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True], ids=["stock-kernels", "batch-invariant-kernels"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_engine_matches_transformers_generate(loaded_models, case: Case, batch_invariant: bool):
+    """With stock kernels the engine is compared with transformers as shipped. With the batch-invariant
+    kernels (engine default) the reference runs on the very same patched model, so the comparison proves
+    the algorithm, not the floating-point schedule of the expert GEMMs."""
+    loaded = loaded_models(case.canvas, case.sharpen, batch_invariant)
+    engine = LLMEngine(EngineConfig(model=loaded.path, batch_invariant=batch_invariant), loaded=loaded)
+    prompt, params, expected, eos_pos, ref_tpf = reference_case(loaded, case)
+    if case.eos_at is not None:
+        assert eos_pos == case.eos_at  # the case really puts EOS inside the answer
+
     [result] = run_to_end(engine, [(prompt, params)])
     assert result["answer_ids"] == expected
     assert math.isclose(result["tokens_per_forward"], ref_tpf, rel_tol=1e-6)
