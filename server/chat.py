@@ -94,8 +94,9 @@ class ChatFormat:
     # ------------------------------------------------------------------ prompt
 
     @staticmethod
-    def messages(req: ChatCompletionRequest) -> list[dict]:
-        """OpenAI messages as the chat template takes them: text parts joined, tool-call arguments as objects."""
+    def messages(req: ChatCompletionRequest, object_arguments: bool = False) -> list[dict]:
+        """OpenAI messages as the chat template takes them: text parts joined, tool-call arguments as objects
+        (with `object_arguments`, arguments that are not a JSON object become an empty one)."""
         out = []
         for i, m in enumerate(req.messages):
             if isinstance(m.content, list):
@@ -118,7 +119,7 @@ class ChatFormat:
                     except ValueError:
                         arguments = raw
                     if not isinstance(arguments, dict):
-                        arguments = raw
+                        arguments = {} if object_arguments else raw
                     calls.append(
                         {"id": call.id, "type": "function",
                          "function": {"name": call.function.name, "arguments": arguments}}
@@ -139,10 +140,10 @@ class ChatFormat:
             return None
         return [t.model_dump(exclude_none=True) for t in req.tools]
 
-    def prompt(self, req: ChatCompletionRequest) -> str:
+    def prompt(self, req: ChatCompletionRequest, object_arguments: bool = False) -> str:
         tools = self.declared_tools(req)
         kwargs = dict(req.chat_template_kwargs or {})
-        messages = self.messages(req)
+        messages = self.messages(req, object_arguments)
         try:
             return self.tokenizer.apply_chat_template(
                 messages, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs
@@ -151,6 +152,21 @@ class ChatFormat:
             raise bad_request(
                 f"The chat template rejected the messages: {exc}", param="messages", code="invalid_messages"
             ) from exc
+
+    def parser_prefix(self, req: ChatCompletionRequest, prompt: str) -> str:
+        """The text the answer parser reads before the answer: the prompt, unless the history holds a tool call
+        whose arguments are not a JSON object (OpenAI accepts any string; the template writes it as it is). The
+        parser cannot read such a call back, so it reads the same prompt with those arguments as `{}`: the same
+        state (a call written, the turn going on) for the answer that follows."""
+        for m in req.messages:
+            for call in m.tool_calls or []:
+                try:
+                    ok = isinstance(json.loads(call.function.arguments or "{}"), dict)
+                except ValueError:
+                    ok = False
+                if not ok:
+                    return self.prompt(req, object_arguments=True)
+        return prompt
 
     # ----------------------------------------------------------------- answer
 

@@ -126,6 +126,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(f"Invalid value for '{param}': {msg} (got {shown}).", param=param, code="invalid_value")
 
 
+def internal_error() -> APIError:
+    return APIError(500, "Internal server error.", type="server_error", code="internal_error")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -150,4 +154,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return APIError(500, "Internal server error.", type="server_error", code="internal_error").response()
+        return internal_error().response()

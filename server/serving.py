@@ -7,6 +7,7 @@ in the shape of a choice, so those are the two places they branch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +23,15 @@ from engine.request import DenoiseState
 from engine.sampling_params import REASONING_EFFORT_PRESETS, SamplingParams, SamplingParamsError
 from server.chat import ChatFormat, ParsedAnswer
 from server.config import ServerConfig
-from server.errors import APIError, RequestCut, bad_request, engine_error, shutdown_error, timeout_error
+from server.errors import (
+    APIError,
+    RequestCut,
+    bad_request,
+    engine_error,
+    internal_error,
+    shutdown_error,
+    timeout_error,
+)
 from server.infill import CanvasRequests, Variant
 from server.logprobs import LogprobFormatter
 from server.protocol import (
@@ -34,6 +43,7 @@ from server.protocol import (
 )
 from server.sse import dump
 
+log = logging.getLogger("press.server")
 MAX_CHOICES = 64
 # How often a request waiting for its events looks at whether the shutdown timeout has run out.
 CUT_POLL_S = 0.25
@@ -200,9 +210,10 @@ class Serving:
     # ---------------------------------------------------------------- prompts
 
     def chat_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
-        """The prompt as text (the answer parser's prefix) and as token ids."""
+        """The answer parser's prefix (the prompt as text, see ChatFormat.parser_prefix) and the prompt's token ids."""
         text = self.chat_format.prompt(req)
-        return text, list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.chat_format.parser_prefix(req, text), ids
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
@@ -238,7 +249,8 @@ class Serving:
         """One engine request per prompt, choice and variant (canvas constraints; fill-in-the-middle has one per
         candidate length); each gets its own copy of the compiled `grammar`."""
         if len(prompts) * req.n > MAX_CHOICES:
-            raise bad_request(f"At most {MAX_CHOICES} choices (prompts x n) per request.", param="n")
+            raise bad_request(f"At most {MAX_CHOICES} choices (prompts x n) per request.", param="n",
+                              code="too_many_choices")  # fmt: skip
         rows = len(prompts) * req.n * len(variants or [None])
         max_queue = self.engine.engine.config.max_queue
         if self.engine.num_waiting + rows > max_queue:
@@ -556,6 +568,13 @@ class Serving:
                 yield item
         except RequestCut as cut:
             yield {"data": dump(cut.error.body())}
+            yield {"data": "[DONE]"}
+            return
+        except Exception:  # a bug must not cut a started stream mid-chunk: the client gets the error as an event
+            log.exception("stream failed")
+            for state in states:
+                state.cancelled.set()
+            yield {"data": dump(internal_error().body())}
             yield {"data": "[DONE]"}
             return
         finally:

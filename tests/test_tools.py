@@ -229,6 +229,27 @@ def test_tool_arguments_that_are_not_json_are_sent_as_text(server, tokenizer):
     assert r.json()["usage"]["prompt_tokens"] == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_conversation_ending_in_calls_with_non_object_arguments_is_answered(server, stream):
+    """The answer parser reads the prompt before the answer; calls it could not read back (arguments `0` or
+    not JSON, which the template writes as they are) once broke the stream after its first chunk (found by the
+    long fuzz run). The answer now comes whole, streamed or not."""
+    calls = [{"id": "", "type": "function", "function": {"name": "", "arguments": args}} for args in ("", "0", "[")]
+    body = {"model": "tiny-random", "messages": [{"role": "assistant", "content": None, "tool_calls": calls}],
+            "max_tokens": 8, "denoising_steps": 2, "stream": stream}  # fmt: skip
+    if not stream:
+        r = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        return
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("error" not in c for c in chunks), chunks[-1]
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks)
+
+
 def test_sdk_types_reasoning_fields(client):
     # Whatever the random model writes, the message has both reasoning names or neither.
     r = client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "x"}], max_tokens=32,

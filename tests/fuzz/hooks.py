@@ -22,6 +22,7 @@ SEMANTIC = {
     "invalid_json_schema",  # a JSON schema the grammar engine cannot compile
     "invalid_grammar",  # a regex or grammar it cannot compile
     "invalid_messages",  # messages in an order the chat template refuses
+    "too_many_choices",  # prompts x n over 64: a product of two fields
 }
 
 

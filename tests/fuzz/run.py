@@ -4,8 +4,9 @@
     python -m tests.fuzz.run --examples 1500     # `make fuzz`: >= 10,000 generated requests
     python -m tests.fuzz.run --examples 4        # the bounded run tests/test_fuzz.py makes
 
-The server runs with a small context (96 tokens) and a 3 s request timeout, so that the largest valid requests
-(hundreds of passes per canvas, 16 choices) end in bounded time; hooks.py lists the only refusals excused.
+The server runs with a small context (96 tokens) and a short request timeout (3 s; `make fuzz` 1 s), so that the
+largest valid requests (hundreds of passes per canvas, 16 choices) end in bounded time; hooks.py lists the only
+refusals excused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVER_ARGS = ["--model", "tiny-random", "--max-model-len", "96", "--request-timeout", "3", "--log-level", "warning"]
+SERVER_ARGS = ["--model", "tiny-random", "--max-model-len", "96", "--log-level", "warning"]
 
 
 def free_port() -> int:
@@ -46,13 +47,14 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise TimeoutError("the server did not get ready")
 
 
-def run(examples: int, seed: int | None, log: Path) -> dict:
+def run(examples: int, seed: int | None, log: Path, request_timeout: float = 3.0) -> dict:
     """Start a server, fuzz it, stop it; returns the summary and the server's fate."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
     with open(log, "w") as server_log:
-        server = subprocess.Popen([str(bin_dir / "press"), "serve", "--port", str(port), *SERVER_ARGS],
+        server = subprocess.Popen([str(bin_dir / "press"), "serve", "--port", str(port), *SERVER_ARGS,
+                                   "--request-timeout", str(request_timeout)],
                                   stdout=server_log, stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
         try:
             wait_ready(url, server)
@@ -89,9 +91,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=1500, help="Schemathesis cases per operation and phase")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--request-timeout", type=float, default=3.0, help="the server's request timeout in seconds")
     ap.add_argument("--server-log", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "press-fuzz-server.log"))
     args = ap.parse_args()
-    result = run(args.examples, args.seed, Path(args.server_log))
+    result = run(args.examples, args.seed, Path(args.server_log), args.request_timeout)
     ok = result["exit_code"] == 0 and result["server_alive"]
     if not ok:
         print(result["output"][-6000:])
