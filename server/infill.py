@@ -72,6 +72,8 @@ class CanvasRequests:
                     segments.append(ids)
             elif isinstance(seg, dict) and set(seg) == {"hole"}:
                 n = seg["hole"]
+                if isinstance(n, float) and n.is_integer():  # a JSON integer may be written 66.0
+                    n = int(n)
                 if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                     raise bad_request(
                         f"A hole is a whole number of tokens, at least 1 (got {n!r}).",

@@ -76,6 +76,8 @@ BAD = [
     # Canvas constraints: infill templates, predictions, fill-in-the-middle.
     ("hole-zero", CHAT, {**OK_CHAT, "infill": {"template": ["a", {"hole": 0}]}}, 400, "infill.template[1].hole",
      None),
+    ("hole-fractional", CHAT, {**OK_CHAT, "infill": {"template": ["a", {"hole": 2.5}]}}, 400,
+     "infill.template[1].hole", None),
     ("hole-not-int", COMP, {"model": "tiny-random", "prompt": "x", "infill": {"template": [{"hole": "3"}]}}, 400,
      "infill.template[0].hole", None),
     ("unknown-segment", CHAT, {**OK_CHAT, "infill": {"template": ["a", {"gap": 3}]}}, 400, "infill.template[1]",

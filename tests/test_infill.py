@@ -19,7 +19,7 @@ SUFFIX = " ZQXJ_END"
 
 
 def test_chat_template_answer_keeps_fixed_text_and_drafts_mark_it(client, tokenizer):
-    template = ["Name: ", {"hole": 4}, "\nCity: ", {"hole": 3}, "."]
+    template = ["Name: ", {"hole": 4}, "\nCity: ", {"hole": 3.0}, "."]  # 3.0 is a JSON integer too
     r = client.chat.completions.create(
         model="tiny-random", messages=[{"role": "user", "content": "hi"}], seed=3,
         extra_body={**FAST, "infill": {"template": template}},

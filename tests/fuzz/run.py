@@ -96,8 +96,11 @@ def main() -> None:
     args = ap.parse_args()
     result = run(args.examples, args.seed, Path(args.server_log), args.request_timeout)
     ok = result["exit_code"] == 0 and result["server_alive"]
+    report = Path(args.server_log).with_name("press-fuzz-report.txt")
+    report.write_text(result["output"])
     if not ok:
         print(result["output"][-6000:])
+        print(f"full Schemathesis report: {report}")
     print(
         f"fuzz: {result['generated']} requests generated ({result['outcome']}), {result['filtered']} excused "
         f"refusals/timeouts, {result['seconds']:.0f} s, server {'alive' if result['server_alive'] else 'DEAD'} "
