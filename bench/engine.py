@@ -34,32 +34,9 @@ from engine.host_allocator import tune_host_allocator  # noqa: E402
 from engine.loader import wrap_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
-FULL_TEXT = dict(
-    vocab_size=262144,
-    hidden_size=2816,
-    intermediate_size=2112,
-    num_hidden_layers=30,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=256,
-    sliding_window=1024,
-    num_experts=128,
-    top_k_experts=8,
-    moe_intermediate_size=704,
-    max_position_embeddings=262144,
-    global_head_dim=512,
-    num_global_key_value_heads=2,
-    enable_moe_block=True,
-)
-VISION = dict(
-    model_type="gemma4_vision",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+# google/diffusiongemma-26B-A4B-it's architecture (text stack as published; transformers' default Gemma 4 vision
+# tower), as `press plan` reads it.
+FULL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "models" / "diffusiongemma-26b-a4b-it"
 
 
 def device_name(dev: torch.device) -> str:
@@ -87,7 +64,7 @@ def build(size: str, dev: torch.device):
     tokenizer = AutoTokenizer.from_pretrained(_ASSETS)
     if size == "tiny":
         return build_tiny_model().to(dev), tokenizer, 64, 32
-    cfg = DiffusionGemmaConfig(text_config=FULL_TEXT, vision_config=VISION, canvas_length=256)
+    cfg = DiffusionGemmaConfig.from_pretrained(FULL_CONFIG)
     torch.manual_seed(0)
     with torch.device(dev):
         torch.set_default_dtype(torch.bfloat16)

@@ -67,8 +67,10 @@ def _blocked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out[:n]
 
 
-def blocked_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """transformers' DiffusionGemma expert loop with fixed-shape GEMMs (same math, same expert order)."""
+def expert_loop(self, hidden_states, top_k_index, top_k_weights, linear=nn.functional.linear):
+    """transformers' DiffusionGemma expert loop (same math, same expert order) with the GEMM given as `linear`;
+    an expert's weights come from `expert_weights(idx)` where the module has it (engine/quantization.py's
+    per-expert layers), else from its fused 3D tensors."""
     final = torch.zeros_like(hidden_states)
     with torch.no_grad():
         expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -78,11 +80,20 @@ def blocked_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         if expert_idx == self.num_experts:
             continue
         top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-        gate, up = _blocked_linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-        out = _blocked_linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+        if hasattr(self, "expert_weights"):
+            gate_up_w, down_w = self.expert_weights(int(expert_idx))
+        else:
+            gate_up_w, down_w = self.gate_up_proj[expert_idx], self.down_proj[expert_idx]
+        gate, up = linear(hidden_states[token_idx], gate_up_w).chunk(2, dim=-1)
+        out = linear(self.act_fn(gate) * up, down_w)
         out = out * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
     return final
+
+
+def blocked_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The expert loop with fixed-shape GEMMs."""
+    return expert_loop(self, hidden_states, top_k_index, top_k_weights, _blocked_linear)
 
 
 def install(model) -> None:
@@ -95,7 +106,7 @@ def install(model) -> None:
             config._attn_implementation = ATTENTION
             for layer in layers:
                 layer.self_attn.config = config
-    # Encoder and decoder share the expert weights; patch every expert module.
+    # Encoder and decoder share the expert weights; patch every expert module (quantized ones too).
     for module in model.modules():
-        if type(module).__name__ == "DiffusionGemmaTextExperts":
+        if type(module).__name__ in ("DiffusionGemmaTextExperts", "QuantizedExperts"):
             module.forward = types.MethodType(blocked_experts_forward, module)

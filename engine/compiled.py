@@ -51,7 +51,9 @@ class CompiledPasses:
         canvas_length: int,
         vocab_size: int,
         max_rows: int,
+        fullgraph: bool = True,
     ) -> None:
+        """`fullgraph=False` lets the forward break around modules that must run eagerly (quantized experts)."""
         self.device = device
         self.canvas_length = canvas_length
         self.vocab_size = vocab_size
@@ -64,7 +66,7 @@ class CompiledPasses:
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
-        self._decode = torch.compile(forward, fullgraph=True, dynamic=False, mode=mode)
+        self._decode = torch.compile(forward, fullgraph=fullgraph, dynamic=False, mode=mode)
         self._sample = torch.compile(batch_sampler.sample_batch, fullgraph=True, dynamic=False, mode=mode)
         self._draws: dict[int, batch_sampler.Draws] = {}
 

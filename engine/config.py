@@ -42,5 +42,11 @@ class EngineConfig:
     cache_dir: str | None = None
     # Name the API reports; None uses the model argument.
     served_model_name: str | None = None
+    # Weight-only quantization applied at load (engine/quantization.py): none, int8, int4 or fp8.
+    quantization: str = "none"
+    # Memory Press may use on the device ("24GiB", "18GB"; host RAM on CPU); None: the device's free memory at
+    # startup. Settings that cannot fit are refused before the weights load; requests are admitted against what
+    # is left for KV caches (engine/memory_plan.py).
+    gpu_memory: str | None = None
     # Interop/intra-op threads for torch on CPU; None leaves torch's default.
     torch_threads: int | None = None

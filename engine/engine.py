@@ -23,6 +23,7 @@ from engine.events import CommitEvent, Event, FinishEvent, PassEvent, TokenLogpr
 from engine.faults import FaultInjector
 from engine.grammar import GrammarCompiler, GrammarConstraint
 from engine.loader import LoadedModel, load_model
+from engine.memory_plan import KVBudget
 from engine.metrics import EngineMetrics
 from engine.model_runner import ModelRunner
 from engine.prefix_cache import PrefixCache
@@ -69,7 +70,8 @@ class LLMEngine:
             log.info("compiled passes ready in %.1f s (batch buckets %s)", time.perf_counter() - start,
                      self.runner.compiled.buckets)  # fmt: skip
         self.prefix_cache = PrefixCache(config.prefix_cache_tokens)
-        self.scheduler = Scheduler(config.max_num_seqs)
+        budget = self.loaded.kv_budget
+        self.scheduler = Scheduler(config.max_num_seqs, KVBudget(self.loaded.plan, budget) if budget else None)
         self.canvas_length = self.loaded.canvas_length
         self.vocab_size = self.loaded.vocab_size
         self.max_model_len = self.loaded.max_model_len

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerBase
 
+from engine import quantization
 from engine.config import EngineConfig
+from engine.memory_plan import MemoryPlan, build_plan, check_fits, device_memory, fmt, parse_size
 from engine.sampling_params import SamplingParams
 from engine.tiny_random import TINY_RANDOM, ensure_tiny_random
 
@@ -28,6 +30,9 @@ class LoadedModel:
     vocab_size: int
     max_model_len: int
     defaults: SamplingParams  # the checkpoint's generation_config.json over transformers' defaults
+    quantization: str = "none"
+    kv_budget: int | None = None  # bytes left for running requests' caches (engine/memory_plan.py); None: unbounded
+    plan: MemoryPlan | None = None
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -36,9 +41,11 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(spec: str, device: torch.device, quantization: str = "none") -> torch.dtype:
+    """ "auto": bf16 on CUDA, and with int4 weights anywhere (int4 kernels take bf16 activations; on CPU with fp32
+    ones torchao falls back to a path ~90x slower), else fp32."""
     if spec == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or quantization == "int4" else torch.float32
     dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
               "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
     if spec not in dtypes:
@@ -107,13 +114,41 @@ def wrap_model(
     )
 
 
+def plan_memory(config: EngineConfig, path: str, device: torch.device, dtype: torch.dtype) -> tuple[MemoryPlan, int]:
+    """The memory plan of these settings from config.json, and the KV budget they leave; ValueError (with the
+    plan's arithmetic) when they cannot fit the device, before any weight is read."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(path)
+    plan = build_plan(model_config, dtype, config.quantization, device.type, name=config.model)
+    memory = parse_size(config.gpu_memory) if config.gpu_memory else device_memory(device)
+    max_len = model_config.get_text_config().max_position_embeddings
+    max_len = min(max_len, config.max_model_len) if config.max_model_len is not None else max_len
+    budget = check_fits(plan, memory, max_len, config.max_num_seqs, config.prefix_cache_tokens)
+    slots = plan.max_slots(memory, max_len, config.prefix_cache_tokens)
+    log.info("memory plan: %s weights, %s left for request caches on %s (%d requests of %d tokens at once)",
+             fmt(plan.weights), fmt(budget), fmt(memory), slots, max_len)  # fmt: skip
+    if slots < config.max_num_seqs:
+        log.warning("at max_model_len %d only %d of max_num_seqs %d requests fit at once; longer requests wait "
+                    "for memory (press plan shows the arithmetic)", max_len, slots, config.max_num_seqs)  # fmt: skip
+    return plan, budget
+
+
 def load_model(config: EngineConfig) -> LoadedModel:
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device, config.quantization)
+    quantization.check_method(config.quantization, device)
+    if config.quantization == "int4" and device.type == "cuda" and dtype != torch.bfloat16:
+        raise ValueError("int4 on CUDA runs tinygemm kernels, which need --dtype bfloat16")
     path = resolve_model_path(config.model, config.cache_dir)
-    log.info("loading %s on %s (%s)", path, device, dtype)
+    plan, budget = plan_memory(config, path, device, dtype)
+    log.info("loading %s on %s (%s%s)", path, device, dtype,
+             f", {config.quantization} weights" if config.quantization != "none" else "")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype)
+    if config.quantization != "none" and getattr(model.config, "quantization_config", None) is not None:
+        raise ValueError(f"{path} is already quantized ({model.config.quantization_config}); drop --quantization")
+    quantization.quantize_model(model, config.quantization, device)
     model = model.to(device).eval()
     text_config = model.config.get_text_config()
     max_len = text_config.max_position_embeddings
@@ -129,4 +164,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         vocab_size=text_config.vocab_size,
         max_model_len=max_len,
         defaults=checkpoint_defaults(model, tokenizer),
+        quantization=config.quantization,
+        kv_budget=budget,
+        plan=plan,
     )

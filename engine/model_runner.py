@@ -87,8 +87,9 @@ class ModelRunner:
         """Switch decoder passes to compiled graphs (engine/compiled.py), compiling every batch bucket now."""
         vocab = self.model.config.get_text_config().vocab_size
         self.compiled = CompiledPasses(
-            self._static_forward, self.device, self.sc_dtype, self.canvas_length, vocab, max_rows
-        )
+            self._static_forward, self.device, self.sc_dtype, self.canvas_length, vocab, max_rows,
+            fullgraph=self.loaded.quantization == "none",  # quantized experts run eagerly between graphs
+        )  # fmt: skip
         with torch.inference_mode():  # each layer's key and value shapes, from a one-token cache
             cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
             self.model.model.encoder(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device),

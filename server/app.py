@@ -127,7 +127,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body: dict = {"status": "ok"}
         if holder.serving is not None:
             engine = holder.serving.engine
-            body.update(running=engine.num_running, waiting=engine.num_waiting)
+            loaded = engine.engine.loaded
+            body.update(running=engine.num_running, waiting=engine.num_waiting, quantization=loaded.quantization,
+                        kv_budget_bytes=loaded.kv_budget)  # fmt: skip
         return body
 
     @app.get("/ready", responses={503: {"model": ErrorResponse}})

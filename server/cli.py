@@ -17,7 +17,7 @@ from server.config import load_settings
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory, hub id, or 'tiny-random' (default)")
     p.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); env vars and flags override it")
-    p.add_argument("--dtype", default=None, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    p.add_argument("--dtype", default=None, help="auto (bf16 on CUDA or with int4, else fp32), float32, bfloat16")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to enforce")
     p.add_argument("--default-max-tokens", type=int, default=None, help="answer budget when max_tokens is unset")
@@ -30,6 +30,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="same tokens alone or batched (default on unless --compile)")  # fmt: skip
     p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
                    help="compiled static-shape passes, compiled at startup (default on CUDA, off on CPU)")  # fmt: skip
+    p.add_argument("--quantization", default=None, choices=["none", "int8", "int4", "fp8"],
+                   help="weight-only quantization applied at load (default none)")  # fmt: skip
+    p.add_argument(
+        "--gpu-memory",
+        default=None,
+        help="memory Press may use, e.g. 24GiB (host RAM on CPU; default: the device's free memory)",
+    )
     p.add_argument("--served-model-name", default=None, help="model name reported by the API")
     p.add_argument("--cache-dir", default=None, help="where built-in models are materialised")
 
@@ -59,11 +66,38 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def serve(args: argparse.Namespace) -> None:
+    from engine.loader import plan_memory, resolve_device, resolve_dtype, resolve_model_path
     from server.app import create_app
     from server.shutdown import run_server
 
     settings = load_settings(args)
+    config = settings.engine
+    try:  # refuse settings that cannot fit before anything loads (engine/memory_plan.py)
+        device = resolve_device(config.device)
+        plan_memory(config, resolve_model_path(config.model, config.cache_dir), device,
+                    resolve_dtype(config.dtype, device, config.quantization))  # fmt: skip
+    except ValueError as exc:
+        raise SystemExit(f"press serve: {exc}") from None
     run_server(create_app(settings), settings.server)
+
+
+def plan(args: argparse.Namespace) -> None:
+    """`press plan`: the memory a model needs under these settings, from its config.json alone."""
+    import torch
+
+    from engine.loader import resolve_dtype
+    from engine.memory_plan import build_plan, describe, device_memory, load_config, parse_size
+
+    config = load_settings(args).engine
+    device = torch.device(args.plan_device)
+    dtype = resolve_dtype(config.dtype, device, config.quantization)
+    model_config = load_config(config.model, config.cache_dir)
+    memory_plan = build_plan(model_config, dtype, config.quantization, device.type, name=config.model)
+    max_len = min(config.max_model_len or memory_plan.context_limit, memory_plan.context_limit)
+    memory = parse_size(config.gpu_memory) if config.gpu_memory else None
+    if memory is None and (device.type == "cpu" or torch.cuda.is_available()):
+        memory = device_memory(device)
+    print(describe(memory_plan, memory, max_len, config.max_num_seqs, config.prefix_cache_tokens))
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -153,6 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     p_serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     _engine_args(p_serve)
     _server_args(p_serve)
+    p_plan = sub.add_parser("plan", help="memory a model needs (weights, KV cache, passes), from config.json alone")
+    _engine_args(p_plan)
+    p_plan.add_argument("--plan-device", default="cuda", choices=["cuda", "cpu"],
+                        help="layout to plan for (quantized formats differ; default cuda)")  # fmt: skip
     p_gen = sub.add_parser("generate", help="denoise one prompt in the terminal, showing every pass")
     _engine_args(p_gen)
     p_gen.add_argument("prompt")
@@ -174,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     tune_host_allocator()  # before the model loads: steady CPU pass times (engine/host_allocator.py)
     if args.command == "serve":
         serve(args)
+    elif args.command == "plan":
+        plan(args)
     else:
         generate(args)
 

@@ -80,7 +80,7 @@ def wrong_prediction(puzzle: str, solution: str, k: int, seed: int) -> str:
     return puzzles.to_lines("".join(cells))
 
 
-def eval_diffusion(path: str, items, effort: str | None, batch: int = 32) -> dict:
+def eval_diffusion(path: str, items, effort: str | None, batch: int = 32, quantization: str = "none") -> dict:
     """`effort`: None (the checkpoint's defaults), greedy, low/medium/high (reasoning_effort), fixed (givens
     fixed in the canvas) or predictK (canvases start from the solution with K blank cells wrong)."""
     from engine.config import EngineConfig
@@ -89,7 +89,7 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32) -> dic
     from engine.events import FinishEvent
     from engine.sampling_params import REASONING_EFFORT_PRESETS
 
-    engine = LLMEngine(EngineConfig(model=path, max_num_seqs=batch))
+    engine = LLMEngine(EngineConfig(model=path, max_num_seqs=batch, quantization=quantization))
     tok = engine.tokenizer
     params = engine.defaults.with_changes(max_tokens=engine.canvas_length, seed=0, include_drafts=False)
     eos = engine.defaults.eos_token_ids[0]
@@ -206,6 +206,7 @@ def main() -> None:
         "fixed (givens fixed in the canvas), predictK (a prediction with K blank cells wrong, e.g. predict5)",
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantization", default="none", help="weight-only quantization at load: none, int8, int4, fp8")
     ap.add_argument("--out", default=None, help="where to write eval.json/eval.md (default: the model dir)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -221,7 +222,9 @@ def main() -> None:
             label = f"prediction with {effort.removeprefix('predict')} cells wrong"
         full = effort in (None, "greedy", "fixed") or effort.startswith("predict")
         subset = items if full else limit_per_bucket(items, args.effort_limit)
-        rows[f"diffusion ({label}), {len(subset)} puzzles"] = eval_diffusion(args.model, subset, effort, batch=64)
+        rows[f"diffusion ({label}), {len(subset)} puzzles"] = eval_diffusion(
+            args.model, subset, effort, batch=64, quantization=args.quantization
+        )
         print(rows, flush=True)
     if args.ar:
         rows[f"autoregressive (greedy), {len(items)} puzzles"] = eval_ar(args.ar, items)
