@@ -53,9 +53,9 @@ MID_VISION = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=
                   num_attention_heads=2, num_key_value_heads=2, head_dim=16)  # fmt: skip
 
 
-def rss() -> int:
-    """Anonymous resident memory (what the process allocated, after giving freed heap back to the system): the
-    checkpoint's file-mapped pages are page cache the kernel can drop, and are not counted."""
+def rss(kind: str = "RssAnon") -> int:
+    """Resident memory of one kind, after giving freed heap back to the system: RssAnon (what the process
+    allocated: quantized weights) or RssFile (mapped files: the checkpoint, whose tensors transformers maps)."""
     import ctypes
     import gc
 
@@ -63,7 +63,7 @@ def rss() -> int:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/status") as f:
         fields = dict(line.split(":", 1) for line in f)
-    return int(fields["RssAnon"].split()[0]) * 1024
+    return int(fields[kind].split()[0]) * 1024
 
 
 def build_mid(path: Path) -> None:
@@ -88,9 +88,13 @@ def measure(method: str, size: str, path: str | None, batches: list[int], steps:
     dev = torch.device("cuda" if size == "full" else "cpu")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else rss()
+    file_before = rss("RssFile") if dev.type == "cpu" else 0
     t0 = time.perf_counter()
     if size == "full":
-        engine = LLMEngine(EngineConfig(max_num_seqs=max(batches), compile=False), loaded=build_full(method, dev))
+        engine = LLMEngine(
+            EngineConfig(max_num_seqs=max(batches), compile=False, batch_invariant=False),
+            loaded=build_full(method, dev),
+        )
     else:
         engine = LLMEngine(EngineConfig(model=path, quantization=method, max_num_seqs=max(batches),
                                         prefix_cache_tokens=0, gpu_memory="64GiB"))  # fmt: skip
@@ -104,6 +108,8 @@ def measure(method: str, size: str, path: str | None, batches: list[int], steps:
     prompt_len, canvas = (512, 256) if size == "full" else (64, 64)
     row = {"method": method, "dtype": str(engine.loaded.dtype).removeprefix("torch."), "load_s": load_s,
            "weights_measured": after - before, "weights_plan": plan.weights, "batches": {}}  # fmt: skip
+    if dev.type == "cpu":  # anonymous (above) and file-mapped resident memory the load added
+        row["mapped_checkpoint"] = rss("RssFile") - file_before
     for b in batches:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -152,22 +158,30 @@ def build_full(method: str, dev: torch.device):
 
 
 def render(size: str, device: str, steps: int, rows: list[dict]) -> str:
+    """CUDA: weights allocated vs plan. CPU: the anonymous memory the load added (quantized weights are copies)
+    and the checkpoint's file pages it touched (transformers maps the checkpoint: unquantized weights are those
+    pages; a quantized load reads every page once, and the kernel may drop the ones no tensor uses)."""
     gb = 1e9
+    cpu = "mapped_checkpoint" in rows[0]
     batches = list(rows[0]["batches"])
-    head = ["format", "dtype", "weights GB (plan)", "vs none"]
+    head = ["format", "dtype", "plan weights GB"]
+    head += ["anonymous GB", "checkpoint pages GB"] if cpu else ["allocated GB", "vs none"]
     for b in batches:
-        head += [f"batch {b} pass ms", "vs none", f"batch {b} peak GB (plan)"]
+        head += [f"batch {b} pass ms", "vs none"] + ([] if cpu else [f"batch {b} peak GB (plan)"])
     lines = [f"Quantized weights, {size} model, {steps} passes per canvas — {device}, torch {torch.__version__}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     base = rows[0]
     for r in rows:
-        cells = [r["method"], r["dtype"], f"{r['weights_measured'] / gb:.3f} ({r['weights_plan'] / gb:.3f})",
-                 f"{r['weights_measured'] / base['weights_measured']:.2f}"]  # fmt: skip
+        cells = [r["method"], r["dtype"], f"{r['weights_plan'] / gb:.3f}"]
+        if cpu:
+            cells += [f"{r['weights_measured'] / gb:.3f}", f"{r['mapped_checkpoint'] / gb:.3f}"]
+        else:
+            cells += [f"{r['weights_measured'] / gb:.3f}", f"{r['weights_measured'] / base['weights_measured']:.2f}"]
         for b in batches:
             x, x0 = r["batches"][b], base["batches"][b]
-            cells += [f"{x['pass_ms']:.1f}", f"{x['pass_ms'] / x0['pass_ms']:.2f}",
-                      f"{x['peak_measured'] / gb:.2f} ({x['peak_plan'] / gb:.2f})" if x["peak_measured"] is not None
-                      else f"n/a ({x['peak_plan'] / gb:.2f})"]  # fmt: skip
+            cells += [f"{x['pass_ms']:.1f}", f"{x['pass_ms'] / x0['pass_ms']:.2f}"]
+            if not cpu:
+                cells.append(f"{x['peak_measured'] / gb:.2f} ({x['peak_plan'] / gb:.2f})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
