@@ -119,6 +119,7 @@ def plan_memory(config: EngineConfig, path: str, device: torch.device, dtype: to
     plan's arithmetic) when they cannot fit the device, before any weight is read."""
     from transformers import AutoConfig
 
+    quantization.check_method(config.quantization, device)
     model_config = AutoConfig.from_pretrained(path)
     plan = build_plan(model_config, dtype, config.quantization, device.type, name=config.model)
     memory = parse_size(config.gpu_memory) if config.gpu_memory else device_memory(device)

@@ -78,6 +78,8 @@ def serve(args: argparse.Namespace) -> None:
                     resolve_dtype(config.dtype, device, config.quantization))  # fmt: skip
     except ValueError as exc:
         raise SystemExit(f"press serve: {exc}") from None
+    except Exception:  # no readable config.json (a missing model): the server starts and reports it (503)
+        logging.getLogger("press.server").debug("no memory plan before loading", exc_info=True)
     run_server(create_app(settings), settings.server)
 
 
