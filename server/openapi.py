@@ -137,6 +137,8 @@ def _exact_int64_bounds(node: object) -> None:
 
 _TRUE = {"const": True}
 _NOT_FORCED = [None, "none", "auto"]
+_FORCED_TOOL = {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": _NOT_FORCED}}}}
+_IGNORE_EOS = {"required": ["ignore_eos"], "properties": {"ignore_eos": {"const": True}}}
 
 
 def _present(*fields: str) -> dict:
@@ -150,6 +152,7 @@ def _request_rules(components: dict) -> None:
     named tool among `tools`, a JSON schema or grammar the grammar engine can compile) stay in the descriptions
     and their errors carry their own codes."""
     structured = {"type": "object", "required": ["type"], "properties": {"type": {"not": {"const": "text"}}}}
+    json_format = {"required": ["response_format"], "properties": {"response_format": structured}}
     common = [
         {"if": _present("stream_options"), "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}},
         {
@@ -161,6 +164,8 @@ def _request_rules(components: dict) -> None:
         {"not": _present("infill", "prediction")},
         {"not": _present("infill", "response_format")},
         {"not": _present("infill", "structured_outputs")},
+        # A grammar ends at EOS, which ignore_eos would remove.
+        {"if": _IGNORE_EOS, "then": {"allOf": [{"not": _present("structured_outputs")}, {"not": json_format}]}},
     ]
     chat = [
         {
@@ -168,21 +173,19 @@ def _request_rules(components: dict) -> None:
             "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
         },
         {
-            "if": {
-                "required": ["tool_choice"],
-                "properties": {"tool_choice": {"not": {"enum": [None, "none", "auto"]}}},
-            },
+            "if": _FORCED_TOOL,
             "then": {
                 "required": ["tools"],
                 "properties": {"tools": {"type": "array", "minItems": 1}},
                 "allOf": [
                     {"not": _present("infill")},
                     {"not": _present("structured_outputs")},
-                    {"not": {"required": ["response_format"], "properties": {"response_format": structured}}},
+                    {"not": json_format},
                 ],
             },
         },
     ]
+    chat.append({"if": _IGNORE_EOS, "then": {"not": _FORCED_TOOL}})  # a forced call is a grammar too
     completion = [
         {"not": _present("suffix", "infill")},
         {"not": _present("suffix", "response_format")},

@@ -253,6 +253,11 @@ class Serving:
                               code="too_many_choices")  # fmt: skip
         rows = len(prompts) * req.n * len(variants or [None])
         max_queue = self.engine.engine.config.max_queue
+        if rows > max_queue:  # would never fit the queue: not a retry, a smaller request
+            raise bad_request(
+                f"This request needs {rows} engine requests (prompts x n x fill-in-the-middle candidates); the "
+                f"server queues at most {max_queue}.", param="n", code="too_many_choices",
+            )  # fmt: skip
         if self.engine.num_waiting + rows > max_queue:
             raise APIError(
                 503,

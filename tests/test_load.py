@@ -115,6 +115,10 @@ def test_overload_is_503_with_retry_after(tiny_path):
         assert third.status_code == 503
         assert third.headers["retry-after"] == "1"
         assert third.json()["error"]["code"] == "server_overloaded"
+        # A request that could never fit the queue is not told to retry: 400, naming the field.
+        two = httpx.post(proc.base_url + "/v1/completions", json={**long, "stream": False, "n": 2}, timeout=60)
+        assert two.status_code == 400 and two.json()["error"]["code"] == "too_many_choices", two.text
+        assert two.json()["error"]["param"] == "n"
         assert httpx.get(proc.base_url + "/health").json()["status"] == "ok"
     finally:
         proc.stop()

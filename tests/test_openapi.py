@@ -4,6 +4,7 @@ bounds that match the validation, and the loaded model's limits."""
 from __future__ import annotations
 
 import httpx
+import pytest
 
 GENERATION = ("/v1/chat/completions", "/v1/completions", "/infill")
 
@@ -53,3 +54,27 @@ def test_types_and_bounds_match_validation(server):
     assert {"if": {"required": ["stream_options"], "properties": {"stream_options": {"not": {"type": "null"}}}},
             "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}} in schemas[
         "ChatCompletionRequest"]["allOf"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "valid"),
+    [
+        ({}, True),
+        ({"response_format": {"type": "text"}}, True),
+        ({"response_format": {"type": "json_object"}}, False),
+        ({"structured_outputs": {"regex": "a+"}}, False),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, False),
+    ],
+)  # fmt: skip
+def test_the_document_refuses_what_the_server_refuses_ignore_eos_with_a_grammar(server, extra, valid):
+    """A grammar ends at EOS, so `ignore_eos` cannot take one; the document says so (found by the long fuzz run)."""
+    import jsonschema
+
+    doc = _doc(server)
+    schema = {"$ref": "#/components/schemas/ChatCompletionRequest", "components": doc["components"]}
+    body = {"model": "tiny-random", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+            "denoising_steps": 2, "ignore_eos": True, **extra}  # fmt: skip
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(body))
+    assert (not errors) == valid, errors
+    r = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert (r.status_code == 200) == valid, r.text

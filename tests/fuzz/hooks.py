@@ -4,7 +4,9 @@ Only what the document cannot say is adjusted:
 - a schema-valid `model` string is replaced by the served model's name (any other name is a correct 404);
 - a schema-valid request refused for a reason no JSON schema can express is not a failure. Each such refusal has
   its own error code (SEMANTIC), so nothing else is excused;
-- a request that ran past the server's request_timeout is a documented 504, not a server error.
+- a request that ran past the server's request_timeout is a documented 504, not a server error, and a full queue
+  a documented 503 `server_overloaded` with Retry-After (requests cut by the short fuzz timeout leave the queue
+  at the next pass).
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ def map_body(context, body):
 @schemathesis.hook
 def filter_failure(context, failure, case, response) -> bool:
     """Keep every failure except the refusals and timeouts above."""
-    if response is None or response.status_code not in (400, 504):
+    if response is None or response.status_code not in (400, 503, 504):
         return True
     try:
         code = response.json()["error"]["code"]
     except Exception:
         return True
-    return code not in SEMANTIC and code != "request_timeout"
+    return code not in SEMANTIC and code not in ("request_timeout", "server_overloaded")
