@@ -47,7 +47,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise TimeoutError("the server did not get ready")
 
 
-def run(examples: int, seed: int | None, log: Path, request_timeout: float = 3.0) -> dict:
+def run(examples: int, seed: int | None, log: Path, request_timeout: float = 3.0, workers: int = 1) -> dict:
     """Start a server, fuzz it, stop it; returns the summary and the server's fate."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -59,7 +59,7 @@ def run(examples: int, seed: int | None, log: Path, request_timeout: float = 3.0
         try:
             wait_ready(url, server)
             cmd = [str(bin_dir / "st"), "run", url + "/openapi.json", "--checks", "all", "-n", str(examples),
-                   "--workers", "1", "--no-color", "--request-timeout", "60",
+                   "--workers", str(workers), "--no-color", "--request-timeout", "60",
                    "--generation-database", "none"]  # fmt: skip
             if seed is not None:
                 cmd += ["--seed", str(seed)]
@@ -92,9 +92,10 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=1500, help="Schemathesis cases per operation and phase")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--request-timeout", type=float, default=3.0, help="the server's request timeout in seconds")
+    ap.add_argument("--workers", type=int, default=1, help="concurrent Schemathesis clients (the server batches them)")
     ap.add_argument("--server-log", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "press-fuzz-server.log"))
     args = ap.parse_args()
-    result = run(args.examples, args.seed, Path(args.server_log), args.request_timeout)
+    result = run(args.examples, args.seed, Path(args.server_log), args.request_timeout, args.workers)
     ok = result["exit_code"] == 0 and result["server_alive"]
     report = Path(args.server_log).with_name("press-fuzz-report.txt")
     report.write_text(result["output"])
