@@ -77,6 +77,7 @@ class LLMEngine:
         self.max_model_len = self.loaded.max_model_len
         self.defaults = self.loaded.defaults
         self.metrics = EngineMetrics(config.served_model_name or config.model)
+        self.metrics.bind_kv_usage(self.scheduler.kv_usage)
         self._grammars: GrammarCompiler | None = None
         self.faults = FaultInjector()
         self._grammars_lock = threading.Lock()

@@ -53,11 +53,18 @@ class EngineMetrics:
         self._model = model_name
         self.running = Gauge("press:num_requests_running", "Requests holding a slot.", labels, registry=r)
         self.waiting = Gauge("press:num_requests_waiting", "Requests waiting for a slot.", labels, registry=r)
+        self.kv_usage = Gauge(
+            "press:kv_cache_usage_perc", "Share of the KV budget the running requests hold (0-1; 0 without a budget).",
+            labels, registry=r,
+        )  # fmt: skip
 
     def bind_gauges(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
         """The gauges read the scheduler at scrape time, so they are never stale."""
         self.running.labels(self._model).set_function(running)
         self.waiting.labels(self._model).set_function(waiting)
+
+    def bind_kv_usage(self, usage: Callable[[], float]) -> None:
+        self.kv_usage.labels(self._model).set_function(usage)
 
     # ---------------------------------------------------------------- events
 

@@ -21,6 +21,13 @@ class Scheduler:
         self.waiting: collections.deque[DenoiseState] = collections.deque()
         self.running: list[DenoiseState] = []
 
+    def kv_usage(self) -> float:
+        """Share of the KV budget the running requests hold, at their longest (0 without a budget)."""
+        if self.kv_budget is None:
+            return 0.0
+        held = self.kv_budget.plan.running_bytes([context_length(s) for s in list(self.running)])
+        return held / self.kv_budget.budget
+
     def add(self, state: DenoiseState) -> None:
         self.waiting.append(state)
 

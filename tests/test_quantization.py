@@ -143,10 +143,13 @@ def test_requests_wait_for_memory_when_their_caches_do_not_fit(tiny_path):
         params = engine.defaults.with_changes(max_tokens=max_tokens, seed=1, denoising_steps=2, eos_token_ids=[])
         for _ in range(2):
             engine.add_request(engine.make_request([5 + i % 50 for i in range(prompt_len)], params))
-        most = 0
+        most, usage = 0, 0.0
         while engine.has_unfinished():
             engine.step(lambda *_: None)
             most = max(most, len(engine.scheduler.running))
+            usage = max(usage, engine.metrics.registry.get_sample_value("press:kv_cache_usage_perc",
+                                                                         {"model_name": config.model}))  # fmt: skip
+        assert 0 < usage <= 1
         return most
 
     assert most_running(long_len - 64, 64) == 1
