@@ -68,7 +68,7 @@ def check_method(method: str, device: torch.device) -> None:
         raise ValueError(f"quantization {method} is supported on cpu and cuda, not {device.type}")
 
 
-def _torchao_config(method: str, in_features: int, device: torch.device, dtype: torch.dtype):
+def _torchao_config(method: str, in_features: int, device: torch.device):
     from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
     if method == "int8":
@@ -91,7 +91,7 @@ def quantize_linear(linear: nn.Linear, method: str, device: torch.device) -> nn.
     from torchao.quantization import quantize_
 
     linear.to(device)
-    quantize_(linear, _torchao_config(method, linear.in_features, device, linear.weight.dtype))
+    quantize_(linear, _torchao_config(method, linear.in_features, device))
     return linear
 
 
