@@ -71,19 +71,21 @@ def check_method(method: str, device: torch.device) -> None:
 def _torchao_config(method: str, in_features: int, device: torch.device):
     from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
+    keep = {"set_inductor_config": False}  # leave torch.compile's global settings to engine/compiled.py
     if method == "int8":
-        return Int8WeightOnlyConfig()
+        return Int8WeightOnlyConfig(**keep)
     if method == "int4":
         if device.type == "cuda":
-            return Int4WeightOnlyConfig(group_size=group_size(in_features), int4_packing_format="tile_packed_to_4d")
+            return Int4WeightOnlyConfig(group_size=group_size(in_features), int4_packing_format="tile_packed_to_4d",
+                                        **keep)  # fmt: skip
         from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
 
-        return PrototypeInt4WeightOnlyConfig(group_size=group_size(in_features), set_inductor_config=False)
+        return PrototypeInt4WeightOnlyConfig(group_size=group_size(in_features), **keep)
     if device.type == "cuda":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    return Float8WeightOnlyConfig()
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), **keep)
+    return Float8WeightOnlyConfig(**keep)
 
 
 def quantize_linear(linear: nn.Linear, method: str, device: torch.device) -> nn.Linear:
