@@ -32,13 +32,17 @@ class SamplingParamsError(ValueError):
         self.param = param
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingParams:
     """Everything that shapes one request's denoising, resolved to concrete values.
 
     `max_tokens` counts answer tokens; an answer spans ceil(max_tokens / canvas_length) canvases at most.
-    `t_max == 0` means greedy: the denoiser proposes the argmax token and no sampling noise is drawn
-    beyond the initial canvas and renoising.
+    `t_max` under GREEDY_BELOW means greedy: the denoiser proposes the argmax token and no sampling noise is
+    drawn beyond the initial canvas and renoising. (Dividing logits by a temperature that small overflows or,
+    in float32, by zero; vLLM draws the same line.)
     """
 
     max_tokens: int = 256
@@ -60,7 +64,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.t_max == 0.0
+        return self.t_max < GREEDY_BELOW
 
     def with_changes(self, **changes: object) -> SamplingParams:
         return replace(self, **changes)

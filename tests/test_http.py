@@ -369,3 +369,23 @@ def test_a_stop_answer_counts_exactly_its_tokens_and_the_eos(client):
     assert choice.finish_reason == "stop" and choice.message.content in ("true", "false")
     assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
     assert r.usage.completion_tokens == len(choice.logprobs.content) + 1
+
+
+def test_a_vanishing_temperature_is_greedy_and_every_event_is_json(server):
+    """temperature 5e-324 is valid (0..2) but divides logits by zero in float32: below 1e-5 the sampler is greedy,
+    as vLLM's is. It once streamed `"mean_entropy": NaN`, which is not JSON (found by the long fuzz run)."""
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in an event: {text[:200]}"))
+
+    def run(temperature: float) -> str:
+        body = {"model": "tiny-random", "prompt": [600, 0], "max_tokens": 8, "denoising_steps": 4, "seed": 1,
+                "temperature": temperature, "stream": True}  # fmt: skip
+        text = ""
+        with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += strict(line.removeprefix("data: "))["choices"][0]["text"]
+        return text
+
+    assert run(5e-324) == run(0.0)

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +49,9 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 
 def run(examples: int, seed: int | None, log: Path, request_timeout: float = 3.0, workers: int = 1) -> dict:
-    """Start a server, fuzz it, stop it; returns the summary and the server's fate."""
+    """Start a server, fuzz it with `workers` Schemathesis processes at once (each its own seed; Hypothesis is not
+    thread-safe, so parallel clients are processes, not `st --workers`), stop it; returns the summed summary and
+    the server's fate."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
@@ -58,14 +61,24 @@ def run(examples: int, seed: int | None, log: Path, request_timeout: float = 3.0
                                   stdout=server_log, stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
         try:
             wait_ready(url, server)
-            cmd = [str(bin_dir / "st"), "run", url + "/openapi.json", "--checks", "all", "-n", str(examples),
-                   "--workers", str(workers), "--no-color", "--request-timeout", "60",
-                   "--generation-database", "none"]  # fmt: skip
-            if seed is not None:
-                cmd += ["--seed", str(seed)]
+            procs, outs = [], []
+            env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz.hooks"}
             start = time.monotonic()
-            st = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz.hooks"})  # fmt: skip
+            for i in range(workers):
+                cmd = [str(bin_dir / "st"), "run", url + "/openapi.json", "--checks", "all", "-n", str(examples),
+                       "--workers", "1", "--no-color", "--request-timeout", "60",
+                       "--generation-database", "none"]  # fmt: skip
+                if seed is not None:
+                    cmd += ["--seed", str(seed + i)]
+                outs.append(tempfile.TemporaryFile("w+"))  # noqa: SIM115 - a file, not a pipe: nothing blocks
+                procs.append(subprocess.Popen(cmd, stdout=outs[-1], stderr=subprocess.STDOUT, cwd=ROOT, env=env))
+            for p in procs:
+                p.wait()
+            outputs = []
+            for f in outs:
+                f.seek(0)
+                outputs.append(f.read())
+                f.close()
             seconds = time.monotonic() - start
             alive = server.poll() is None
         finally:
@@ -74,17 +87,15 @@ def run(examples: int, seed: int | None, log: Path, request_timeout: float = 3.0
                 server.wait(10)
             except subprocess.TimeoutExpired:
                 server.kill()
-    out = st.stdout + st.stderr
-    cases = re.search(r"(\d+) generated, (.*)", out)
-    return {
-        "exit_code": st.returncode,
-        "generated": int(cases.group(1)) if cases else 0,
-        "outcome": cases.group(2).strip() if cases else "no summary",
-        "filtered": int(m.group(1)) if (m := re.search(r"Filtered: (\d+)", out)) else 0,
-        "seconds": seconds,
-        "server_alive": alive,
-        "output": out,
-    }
+    result = {"exit_code": max(p.returncode for p in procs), "generated": 0, "outcome": [], "filtered": 0,
+              "seconds": seconds, "server_alive": alive, "output": "\n\n".join(outputs)}  # fmt: skip
+    for out in outputs:
+        cases = re.search(r"(\d+) generated, (.*)", out)
+        result["generated"] += int(cases.group(1)) if cases else 0
+        result["outcome"].append(cases.group(2).strip() if cases else "no summary")
+        result["filtered"] += int(m.group(1)) if (m := re.search(r"Filtered: (\d+)", out)) else 0
+    result["outcome"] = "; ".join(result["outcome"])
+    return result
 
 
 def main() -> None:
@@ -92,7 +103,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=1500, help="Schemathesis cases per operation and phase")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--request-timeout", type=float, default=3.0, help="the server's request timeout in seconds")
-    ap.add_argument("--workers", type=int, default=1, help="concurrent Schemathesis clients (the server batches them)")
+    ap.add_argument("--workers", type=int, default=1, help="Schemathesis processes at once (the server batches them)")
     ap.add_argument("--server-log", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "press-fuzz-server.log"))
     args = ap.parse_args()
     result = run(args.examples, args.seed, Path(args.server_log), args.request_timeout, args.workers)
