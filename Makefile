@@ -40,7 +40,7 @@ bench: $(STAMP)
 
 # Schemathesis against a real server on the built-in model: >= 10,000 generated requests, every check (tests/fuzz/).
 fuzz: $(STAMP)
-	$(VENV)/bin/python -m tests.fuzz.run --examples $(or $(EXAMPLES),1500) --request-timeout $(or $(FUZZ_TIMEOUT),1) --workers $(or $(FUZZ_WORKERS),2)
+	$(VENV)/bin/python -m tests.fuzz.run --examples $(or $(EXAMPLES),500) --request-timeout $(or $(FUZZ_TIMEOUT),0.5) --workers $(or $(FUZZ_WORKERS),4)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,10 +1,10 @@
 """Fuzz a real `press serve` on the built-in model with Schemathesis, every check on, against its own
 /openapi.json; prints a one-line summary and exits non-zero on any failure or error.
 
-    python -m tests.fuzz.run --examples 1500     # `make fuzz`: >= 10,000 generated requests
+    python -m tests.fuzz.run --examples 500 --workers 4 --request-timeout 0.5   # `make fuzz`: >= 10,000 requests
     python -m tests.fuzz.run --examples 4        # the bounded run tests/test_fuzz.py makes
 
-The server runs with a small context (96 tokens) and a short request timeout (3 s; `make fuzz` 1 s), so that the
+The server runs with a small context (96 tokens) and a short request timeout (3 s; `make fuzz` 0.5 s), so that the
 largest valid requests (hundreds of passes per canvas, 16 choices) end in bounded time; hooks.py lists the only
 refusals excused.
 """
