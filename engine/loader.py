@@ -121,6 +121,8 @@ def plan_memory(config: EngineConfig, path: str, device: torch.device, dtype: to
 
     quantization.check_method(config.quantization, device)
     model_config = AutoConfig.from_pretrained(path)
+    if config.quantization != "none" and getattr(model_config, "quantization_config", None) is not None:
+        raise ValueError(f"{path} is already quantized ({model_config.quantization_config}); drop --quantization")
     plan = build_plan(model_config, dtype, config.quantization, device.type, name=config.model)
     memory = parse_size(config.gpu_memory) if config.gpu_memory else device_memory(device)
     max_len = model_config.get_text_config().max_position_embeddings
@@ -138,7 +140,6 @@ def plan_memory(config: EngineConfig, path: str, device: torch.device, dtype: to
 def load_model(config: EngineConfig) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device, config.quantization)
-    quantization.check_method(config.quantization, device)
     if config.quantization == "int4" and device.type == "cuda" and dtype != torch.bfloat16:
         raise ValueError("int4 on CUDA runs tinygemm kernels, which need --dtype bfloat16")
     path = resolve_model_path(config.model, config.cache_dir)
@@ -147,8 +148,6 @@ def load_model(config: EngineConfig) -> LoadedModel:
              f", {config.quantization} weights" if config.quantization != "none" else "")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype)
-    if config.quantization != "none" and getattr(model.config, "quantization_config", None) is not None:
-        raise ValueError(f"{path} is already quantized ({model.config.quantization_config}); drop --quantization")
     quantization.quantize_model(model, config.quantization, device)
     model = model.to(device).eval()
     text_config = model.config.get_text_config()
