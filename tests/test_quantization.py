@@ -200,3 +200,17 @@ def test_consumer_presets_fit_their_card_by_the_plan(preset, card):
     check_fits(plan, memory, config.max_model_len, config.max_num_seqs, config.prefix_cache_tokens)
     assert plan.max_slots(memory, config.max_model_len, config.prefix_cache_tokens) >= config.max_num_seqs
     assert plan.weights < 0.4 * build_plan(AutoConfig.from_pretrained(FULL_CONFIG), torch.bfloat16).weights
+
+
+def test_an_already_quantized_checkpoint_is_not_quantized_again(tiny_path, tmp_path):
+    import json
+    import shutil
+
+    ckpt = tmp_path / "prequantized"
+    shutil.copytree(tiny_path, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fbgemm_fp8"}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(ckpt), "--port", "9",
+                          "--quantization", "int8"], capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert out.returncode != 0 and "is already quantized" in out.stderr and "drop --quantization" in out.stderr
