@@ -22,6 +22,7 @@ from engine.detokenizer import TextStream
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent, TokenLogprob
 from engine.faults import FaultInjector
 from engine.grammar import GrammarCompiler, GrammarConstraint
+from engine.images import ImageInputError, PromptImages
 from engine.loader import LoadedModel, load_model
 from engine.memory_plan import KVBudget
 from engine.metrics import EngineMetrics
@@ -84,6 +85,13 @@ class LLMEngine:
 
     # ----------------------------------------------------------------- requests
 
+    @property
+    def takes_images(self) -> bool:
+        """Whether the model has a vision tower to read images with."""
+        config = self.loaded.model.config
+        has_tower = getattr(config, "vision_config", None) is not None
+        return has_tower and getattr(config, "image_token_id", None) is not None
+
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len + max_tokens > self.max_model_len:
             raise ContextLengthError(
@@ -120,11 +128,15 @@ class LLMEngine:
         grammar=None,
         grammar_in_pass: bool = True,
         constraints: CanvasConstraints | None = None,
+        images: PromptImages | None = None,
     ) -> DenoiseState:
-        """Validate and build a request; raises SamplingParamsError or ContextLengthError. `grammar` is a
-        matcher from `compile_grammar` (owned by this request from now on); `grammar_in_pass` masks every
-        pass, not only the committed canvas. `constraints`: fixed tokens and initial canvases of the row."""
+        """Validate and build a request; raises SamplingParamsError, ContextLengthError or ImageInputError.
+        `grammar` is a matcher from `compile_grammar` (owned by this request from now on); `grammar_in_pass` masks
+        every pass, not only the committed canvas. `constraints`: fixed tokens and initial canvases of the row.
+        `images`: the prompt's images (engine/images.py), whose soft tokens the prompt holds."""
         params.validate()
+        if images is not None and not self.takes_images:
+            raise ImageInputError("this model has no vision tower")
         if constraints is not None and constraints.fixed and grammar is not None:
             raise SamplingParamsError("grammar", "a grammar cannot be combined with fixed canvas positions")
         if constraints is not None and any(not (0 <= t < self.vocab_size) for t in constraints.fixed.values()):
@@ -151,6 +163,7 @@ class LLMEngine:
             generator.seed()
         state.generator = generator
         state.constraints = constraints
+        state.images = images
         if grammar is not None:
             state.grammar = GrammarConstraint(grammar, self.vocab_size, list(params.eos_token_ids), grammar_in_pass)
         return state
@@ -200,6 +213,8 @@ class LLMEngine:
                     self.metrics.prefix_lookup(len(state.prompt_ids), self.runner.start_cache(state, self.prefix_cache))
                 # Chunks end at multiples of `prefill_chunk` of the prompt, with or without a cached prefix.
                 chunk = min(size - state.cached_len % size, len(state.prompt_ids) - state.cached_len)
+                if state.images is not None:  # never cut an image: its tokens may attend to each other
+                    chunk = state.images.chunk_end(state.cached_len, state.cached_len + chunk) - state.cached_len
                 if chunk > budget and budget < size:
                     break  # keep FIFO order: the next request waits for the next step
                 budget -= self.runner.prefill(state, chunk)

@@ -112,29 +112,63 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ encoder
 
-    def _encoder_masks(self, state: DenoiseState, n: int) -> tuple[torch.Tensor, dict]:
-        """Positions and per-layer-type masks for encoding `n` more tokens of this request alone."""
+    def _encoder_masks(
+        self, state: DenoiseState, n: int, token_types: list[int] | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """Positions and per-layer-type masks for encoding `n` more tokens of this request alone (`token_types`:
+        transformers' mm_token_type_ids of every position up to the last of them, for models that attend
+        bidirectionally within an image)."""
         start = state.cached_len
         positions = torch.arange(start, start + n, dtype=torch.int32, device=self.device)[None]
         attention_mask = torch.ones((1, start + n), dtype=torch.bool, device=self.device)
+        extra = {}
+        if token_types is not None:
+            extra["mm_token_type_ids"] = torch.tensor([token_types], dtype=torch.long, device=self.device)
         masks = self.model.model.encoder.create_masks_for_generate(
             config=self.model.config,
             inputs_embeds=torch.empty((1, n, 0), dtype=self.model.dtype, device=self.device),
             attention_mask=attention_mask,
             position_ids=positions,
             **{CACHE_KW: state.cache},
+            **extra,
         )
         return positions, masks
 
     def _encode(self, state: DenoiseState, ids: list[int] | torch.Tensor) -> None:
-        """Run the causal encoder over `ids`, appending their keys and values to the request's cache."""
+        """Run the causal encoder over `ids`, appending their keys and values to the request's cache. Prompt
+        positions that hold image tokens get their image's soft-token features instead of the token's embedding,
+        as transformers' encoder merges them."""
         input_ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
         n = input_ids.shape[1]
-        positions, masks = self._encoder_masks(state, n)
-        self.model.model.encoder(
-            input_ids=input_ids, attention_mask=masks, position_ids=positions, **{CACHE_KW: state.cache}
-        )
+        start, images = state.cached_len, state.images
+        in_prompt = images is not None and start < len(state.prompt_ids)
+        features = images.features_for(start, start + n) if in_prompt else None
+        if features is None:
+            positions, masks = self._encoder_masks(state, n)
+            inputs = {"input_ids": input_ids}
+        else:
+            # Token types from the prompt's start: transformers' image-block mask indexes them by absolute position.
+            positions, masks = self._encoder_masks(state, n, images.token_types(0, start + n))
+            encoder = self.model.model.encoder
+            embeds = encoder.get_input_embeddings()(input_ids)
+            where = (input_ids == self.model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+            inputs = {"inputs_embeds": embeds.masked_scatter(where, features.to(embeds.device, embeds.dtype))}
+        self.model.model.encoder(attention_mask=masks, position_ids=positions, **inputs, **{CACHE_KW: state.cache})
         state.cached_len += n
+
+    def encode_images(self, state: DenoiseState) -> None:
+        """Run the vision tower over the request's images (once, before its first prompt chunk)."""
+        images = state.images
+        if images is None or images.features is not None:
+            return
+        encoder = self.model.model.encoder
+        dtype = next(encoder.vision_tower.parameters()).dtype
+        out = encoder.get_image_features(
+            images.pixel_values.to(self.device, dtype), images.position_ids.to(self.device), return_dict=True
+        )
+        features = out.pooler_output
+        images.check_features(features)
+        images.features = features
 
     @torch.inference_mode()
     def start_cache(self, state: DenoiseState, prefix_cache: PrefixCache) -> int:
@@ -142,7 +176,7 @@ class ModelRunner:
         prompt positions that restored."""
         cache_class = RecordingCache if prefix_cache.enabled else DynamicCache
         state.cache = cache_class(config=self.model.config.get_text_config(decoder=True))
-        state.cached_len = PrefixCache.restore(state.cache, prefix_cache.lookup(state.prompt_ids))
+        state.cached_len = PrefixCache.restore(state.cache, prefix_cache.lookup(state.cache_keys))
         state.prefix_hit = state.cached_len
         return state.cached_len
 
@@ -153,13 +187,16 @@ class ModelRunner:
             self.start_cache(state, PrefixCache(0))
         chunk = state.prompt_ids[state.cached_len : state.cached_len + max_tokens]
         if chunk:
+            self.encode_images(state)
             self._encode(state, chunk)
         return len(chunk)
 
     def finish_prefill(self, state: DenoiseState, prefix_cache: PrefixCache) -> None:
         """The prompt is encoded: its blocks past the restored prefix go into the prefix cache."""
         if isinstance(state.cache, RecordingCache):
-            prefix_cache.insert(state.prompt_ids, state.cache.take_recorded(), start=state.prefix_hit)
+            prefix_cache.insert(state.cache_keys, state.cache.take_recorded(), start=state.prefix_hit)
+        if state.images is not None:  # in the cache now: the pixels and features are not needed again
+            state.images.release()
 
     @torch.inference_mode()
     def commit(self, rows: list[tuple[DenoiseState, torch.Tensor]]) -> None:

@@ -7,6 +7,10 @@ to its end. Each block holds every layer's keys and values for its positions (sl
 restoring a prefix replays the blocks through the layers' own `update`, which keeps what the layer would have
 kept after encoding those tokens itself). Blocks are evicted least recently used first, bounded in tokens.
 
+Image tokens are one id for every picture, so a prompt with images is keyed by `DenoiseState.cache_keys`: each image
+token stands for its image's content hash and its place in the image (engine/images.py). That also covers models
+that attend bidirectionally within an image, where a block's keys depend on the rest of its image.
+
 A request reuses the longest cached run of blocks at the start of its prompt, then prefills the rest. The
 stored tensors are copies of what the encoder produced, so a warm prefix is bit-identical to a cold one.
 """
@@ -24,7 +28,7 @@ BLOCK_TOKENS = 32
 
 @dataclass
 class _Block:
-    tokens: tuple[int, ...]
+    tokens: tuple  # token ids, or (image digest, index) for image tokens
     parent: int | None
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape (1, heads, block, dim)
 

@@ -13,6 +13,7 @@ import torch
 from engine.constraints import CanvasConstraints
 from engine.detokenizer import TextStream
 from engine.grammar import GrammarConstraint
+from engine.images import PromptImages
 from engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -46,6 +47,7 @@ class DenoiseState:
     history: torch.Tensor | None = None  # last argmax canvases for the stability rule
     grammar: GrammarConstraint | None = None  # structured output: the grammar the canvases are read under
     constraints: CanvasConstraints | None = None  # fixed tokens (infill) and initial canvases (predictions)
+    images: PromptImages | None = None  # the prompt's images, read by the encoder at prefill
     # Templates with holes: summed log-probabilities of the template's tokens at the passes that committed its
     # canvases (holes as filled; fixed tokens as the model scored them before they were pinned), and their count.
     template_logprob: float = 0.0
@@ -62,6 +64,11 @@ class DenoiseState:
     # With n > 1 choices share one prompt: only the first bills it (usage and the prompt-token counter).
     bills_prompt: bool = True
     finish_reason: str | None = None
+
+    @property
+    def cache_keys(self) -> list:
+        """The prompt as the prefix cache identifies it (image tokens stand for their images)."""
+        return self.images.cache_keys(self.prompt_ids) if self.images is not None else self.prompt_ids
 
     @property
     def max_canvases(self) -> int:

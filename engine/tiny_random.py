@@ -21,7 +21,9 @@ TINY_RANDOM = "tiny-random"
 # v2: full-attention head_dim 64 instead of the config default 512.
 # v3: the tokenizer speaks Gemma 4's chat format (its special tokens, chat template, response template; new ids)
 #     and the generation config stops on <eos>, <turn|> and <|tool_response>, as DiffusionGemma's does.
-_VERSION = "v3"
+# v4: images: a vision tower with 8-pixel patches pooled 2x2 (at most 70 soft tokens per image), bidirectional
+#     attention within an image (as larger Gemma 4 models), the image processor's config, image tokens named.
+_VERSION = "v4"
 _ASSETS = Path(__file__).parent / "assets" / "tiny_tokenizer"
 
 # Token ids of the shipped tokenizer's special tokens (tools/build_tiny_tokenizer.py lists them in this order).
@@ -52,6 +54,38 @@ _ASSETS = Path(__file__).parent / "assets" / "tiny_tokenizer"
 EOS_TOKEN_IDS = [EOS, END_OF_TURN, TOOL_RESPONSE_START]
 
 
+# The image side, small: 8x8-pixel patches pooled 2x2, at most 70 soft tokens (280 patches) per image, as the
+# processor's smallest budget.
+VISION_PATCH = 8
+VISION_POOLING = 2
+VISION_SOFT_TOKENS = 70
+
+
+def save_image_processor(path: Path) -> None:
+    """The checkpoint's image side as transformers' Gemma 4 processor reads it: preprocessor_config.json (the image
+    processor) and processor_config.json (soft tokens per image)."""
+    import json
+
+    config = {
+        "image_processor_type": "Gemma4ImageProcessor",
+        "processor_class": "Gemma4Processor",
+        "do_resize": True,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": False,
+        "image_mean": [0.0, 0.0, 0.0],
+        "image_std": [1.0, 1.0, 1.0],
+        "do_convert_rgb": True,
+        "patch_size": VISION_PATCH,
+        "max_soft_tokens": VISION_SOFT_TOKENS,
+        "pooling_kernel_size": VISION_POOLING,
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    processor = {"processor_class": "Gemma4Processor", "image_seq_length": VISION_SOFT_TOKENS}
+    (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
 def tiny_config_kwargs(canvas_length: int = 32, vocab_size: int = 1024, num_layers: int = 4) -> dict:
     """Config for a DiffusionGemma with every architectural feature of the full model, at toy size:
     sliding and full attention layers, MoE experts beside the dense MLP, tiny vision tower."""
@@ -77,6 +111,8 @@ def tiny_config_kwargs(canvas_length: int = 32, vocab_size: int = 1024, num_laye
         "pad_token_id": PAD,
         "eos_token_id": EOS,
         "bos_token_id": BOS,
+        # The encoder attends bidirectionally within each image's soft tokens, so prefill must never cut one.
+        "use_bidirectional_attention": "vision",
     }
     vision = {
         "model_type": "gemma4_vision",
@@ -86,6 +122,9 @@ def tiny_config_kwargs(canvas_length: int = 32, vocab_size: int = 1024, num_laye
         "num_attention_heads": 2,
         "num_key_value_heads": 2,
         "head_dim": 16,
+        "patch_size": VISION_PATCH,
+        "pooling_kernel_size": VISION_POOLING,
+        "position_embedding_size": 1024,
     }
     return {
         "text_config": text,
@@ -142,6 +181,7 @@ def save_checkpoint(model, path: Path, max_denoising_steps: int = 48) -> None:
     model.save_pretrained(tmp)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(_ASSETS / name, tmp / name)
+    save_image_processor(tmp)
     # Atomic publish: concurrent first uses (tests, several servers) never see a half-written model.
     try:
         tmp.rename(path)

@@ -163,12 +163,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         serving = holder.require()
         serving.check_model(body.model)
         serving.reject_unsupported(body)
-        prompt_text, prompt = await asyncio.to_thread(serving.chat_prompt, body)
+        images = await serving.load_images(body)
+        prompt_text, prompt, prompt_images = await asyncio.to_thread(serving.chat_prompt, body, images)
         grammar = await asyncio.to_thread(compile_request, serving.engine.engine, body)
         max_tokens = body.max_completion_tokens or body.max_tokens
         variants, field = await asyncio.to_thread(serving.variants, body, max_tokens)
         states = serving.make_states(body, [prompt], max_tokens, prompt_param="messages", grammar=grammar,
-                                     variants=variants, variant_param=field)  # fmt: skip
+                                     variants=variants, variant_param=field, images=prompt_images)  # fmt: skip
         return await serving.respond(body, states, len(prompt), request, chat=True, prompt_text=prompt_text)
 
     @app.post("/v1/completions", response_model=None, dependencies=[Depends(require_key)],

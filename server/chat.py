@@ -51,16 +51,40 @@ class ParsedAnswer:
 
 
 def join_text_parts(parts: list, param: str, sep: str) -> str:
-    """Content parts as one text; a part that is not text is a 400 naming it (this server takes text only)."""
+    """Content parts as one text; a part that is not text is a 400 naming it."""
     texts = []
     for j, part in enumerate(parts):
         if part.type != "text":
-            raise bad_request(
-                f"Content part type '{part.type}' is not supported; this server takes text only.",
-                param=f"{param}[{j}].type",
-            )
+            raise bad_request(f"Content part type '{part.type}' is not supported here; send text parts only.",
+                              param=f"{param}[{j}].type")  # fmt: skip
         texts.append(part.text)
     return sep.join(texts)
+
+
+def template_parts(parts: list, param: str) -> list[dict]:
+    """Text and image parts as chat templates take them ({"type": "image"} marks where an image goes); any other
+    part is a 400 naming it."""
+    out = []
+    for j, part in enumerate(parts):
+        if part.type == "text":
+            out.append({"type": "text", "text": part.text})
+        elif part.type == "image_url":
+            out.append({"type": "image"})
+        else:
+            raise bad_request(f"Content part type '{part.type}' is not supported; send text and image_url parts.",
+                              param=f"{param}[{j}].type")  # fmt: skip
+    return out
+
+
+def image_urls(req: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """(param, url) of every image part, in prompt order."""
+    return [
+        (f"messages[{i}].content[{j}]", part.image_url.url)
+        for i, m in enumerate(req.messages)
+        if isinstance(m.content, list)
+        for j, part in enumerate(m.content)
+        if part.type == "image_url"
+    ]
 
 
 def new_call_id() -> str:
@@ -95,11 +119,14 @@ class ChatFormat:
 
     @staticmethod
     def messages(req: ChatCompletionRequest, object_arguments: bool = False) -> list[dict]:
-        """OpenAI messages as the chat template takes them: text parts joined, tool-call arguments as objects
-        (with `object_arguments`, arguments that are not a JSON object become an empty one)."""
+        """OpenAI messages as the chat template takes them: text parts joined (a message with images keeps its
+        parts, each image as {"type": "image"} for the template to place), tool-call arguments as objects (with
+        `object_arguments`, arguments that are not a JSON object become an empty one)."""
         out = []
         for i, m in enumerate(req.messages):
-            if isinstance(m.content, list):
+            if isinstance(m.content, list) and any(part.type == "image_url" for part in m.content):
+                content = template_parts(m.content, f"messages[{i}].content")
+            elif isinstance(m.content, list):
                 content = join_text_parts(m.content, f"messages[{i}].content", "\n")
             else:
                 content = m.content

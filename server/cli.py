@@ -58,6 +58,14 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=None, help="debug, info, warning, error")
     p.add_argument("--playground", default=None, action=argparse.BooleanOptionalAction,
                    help="serve the browser playground at / (default on)")  # fmt: skip
+    p.add_argument("--max-images", type=int, default=None, help="images per request (default 16)")
+    p.add_argument("--max-image-bytes", type=int, default=None, help="encoded size of one image (default 20 MiB)")
+    p.add_argument("--max-image-pixels", type=int, default=None, help="width x height of one image (default 4096^2)")
+    p.add_argument("--image-fetch", default=None, action=argparse.BooleanOptionalAction,
+                   help="fetch http(s) image URLs (default on; off: data: URLs only)")  # fmt: skip
+    p.add_argument("--image-fetch-private", default=None, action=argparse.BooleanOptionalAction,
+                   help="allow image URLs on private, loopback and link-local addresses (default off)")  # fmt: skip
+    p.add_argument("--image-fetch-timeout", type=float, default=None, help="seconds per image fetch (default 10)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from engine.config import EngineConfig
+from server.images import ImageLimits
 
 
 @dataclass
@@ -21,7 +22,7 @@ class ServerConfig:
     # Comma-separated origins allowed by CORS ("*" for any); empty disables CORS.
     cors_origins: str = ""
     # Largest request body accepted, in bytes (413 beyond).
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024  # room for images sent as data: URLs
     # Seconds a client gets to send its whole request body (408 beyond): a slow or stalled upload is cut.
     body_timeout: float = 30.0
     # Seconds a request may run before it is cancelled (504, or an error event in a stream); 0 = no limit.
@@ -35,6 +36,20 @@ class ServerConfig:
     log_level: str = "info"
     # The browser playground at GET / (static files in server/playground/).
     playground: bool = True
+    # Images in chat messages (image_url parts): how many per request, the largest encoded size and pixel count of
+    # one image, whether http(s) URLs are fetched at all, whether hosts on private / loopback / link-local addresses
+    # may be fetched from, and the seconds one fetch may take.
+    max_images: int = 16
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    image_fetch: bool = True
+    image_fetch_private: bool = False
+    image_fetch_timeout: float = 10.0
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_images=self.max_images, max_bytes=self.max_image_bytes,
+                           max_pixels=self.max_image_pixels, fetch=self.image_fetch,
+                           fetch_private=self.image_fetch_private, fetch_timeout=self.image_fetch_timeout)  # fmt: skip
 
 
 @dataclass

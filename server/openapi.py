@@ -215,16 +215,24 @@ def _request_rules(components: dict) -> None:
             props["best_of"] = {"type": "null", "description": "Not supported."}
 
 
-def _text_parts_only(components: dict) -> None:
-    """Content parts other than text (images, audio, files, refusals) are parsed only to be refused with an error
-    naming them: the document offers text parts alone."""
+def _supported_parts(components: dict) -> None:
+    """Audio, file and refusal parts are parsed only to be refused with an error naming them: the document offers
+    text and image parts in messages, and text parts alone in a prediction."""
     components.pop("OtherPart", None)
-    text = {"$ref": "#/components/schemas/TextPart"}
 
+    def is_part_union(schema: dict) -> bool:
+        return any(isinstance(o, dict) and o.get("$ref", "").endswith("/OtherPart") for o in schema.get("oneOf", []))
+
+    for schema in _subschemas(components["ChatMessage"]):
+        if is_part_union(schema):
+            schema["oneOf"] = [o for o in schema["oneOf"] if not o.get("$ref", "").endswith("/OtherPart")]
+            mapping = schema.get("discriminator", {}).get("mapping", {})
+            for key in [k for k, ref in mapping.items() if ref.endswith("/OtherPart")]:
+                del mapping[key]
     for schema in _subschemas(components):
-        if any(isinstance(o, dict) and o.get("$ref", "").endswith("/OtherPart") for o in schema.get("oneOf", [])):
+        if is_part_union(schema):
             schema.clear()
-            schema.update(text)
+            schema.update({"$ref": "#/components/schemas/TextPart"})
 
 
 def _truthful(doc: dict) -> dict:
@@ -239,7 +247,7 @@ def _truthful(doc: dict) -> dict:
     components["InfillChunk"] = INFILL_CHUNK
     _exact_int64_bounds(components)
     _request_rules(components)
-    _text_parts_only(components)
+    _supported_parts(components)
     components["Infill"]["properties"]["template"]["items"] = {
         "anyOf": [
             {"type": "string", "description": "Fixed text."},

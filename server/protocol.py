@@ -88,11 +88,27 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    url: StrictStr  # a data: URL (PNG, JPEG, WebP, GIF) or an http(s) URL the server fetches
+    # Accepted and ignored, as vLLM does: the checkpoint's processor decides the resolution.
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class OtherPart(BaseModel):
-    """Image, audio and file parts: parsed so the error can name them, then rejected."""
+    """Audio and file parts (and refusals): parsed so the error can name them, then rejected."""
 
     model_config = ConfigDict(extra="allow")
-    type: Literal["image_url", "input_audio", "file", "refusal"]
+    type: Literal["input_audio", "file", "refusal"]
+
+
+ContentPart = Annotated[TextPart | ImagePart | OtherPart, Field(discriminator="type")]
 
 
 class Infill(BaseModel):
@@ -108,7 +124,7 @@ class Prediction(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     type: Literal["content"]
-    content: StrictStr | list[Annotated[TextPart | OtherPart, Field(discriminator="type")]]
+    content: StrictStr | list[ContentPart]
 
 
 class DiffusionParams(BaseModel):
@@ -167,7 +183,7 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[Annotated[TextPart | OtherPart, Field(discriminator="type")]] | None = None
+    content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
     tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
     tool_call_id: StrictStr | None = None  # tool turns: the call they answer

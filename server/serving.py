@@ -19,9 +19,10 @@ from sse_starlette.sse import EventSourceResponse
 from engine.async_engine import AsyncEngine
 from engine.engine import ContextLengthError
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent, TokenLogprob
+from engine.images import ImageInputError, PromptImages
 from engine.request import DenoiseState
 from engine.sampling_params import REASONING_EFFORT_PRESETS, SamplingParams, SamplingParamsError
-from server.chat import ChatFormat, ParsedAnswer
+from server.chat import ChatFormat, ParsedAnswer, image_urls
 from server.config import ServerConfig
 from server.errors import (
     APIError,
@@ -32,6 +33,7 @@ from server.errors import (
     shutdown_error,
     timeout_error,
 )
+from server.images import load_image
 from server.infill import CanvasRequests, Variant
 from server.logprobs import LogprobFormatter
 from server.protocol import (
@@ -42,6 +44,7 @@ from server.protocol import (
     Draft,
 )
 from server.sse import dump
+from server.vision import VisionPrompt, vision_prompt
 
 log = logging.getLogger("press.server")
 MAX_CHOICES = 64
@@ -75,6 +78,9 @@ class Serving:
         self.logprob_formatter = LogprobFormatter(engine.engine)
         self.chat_format = ChatFormat(self.tokenizer, engine.engine.loaded.model.config.model_type)
         self.canvas_requests = CanvasRequests(engine.engine)
+        self.image_limits = self.config.image_limits()
+        vision = vision_prompt(engine.engine)
+        self.vision, self.no_images = (vision, None) if isinstance(vision, VisionPrompt) else (None, vision)
         self._token_texts: dict[int, str] = {}
 
     # ------------------------------------------------------------ validation
@@ -209,11 +215,40 @@ class Serving:
 
     # ---------------------------------------------------------------- prompts
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
-        """The answer parser's prefix (the prompt as text, see ChatFormat.parser_prefix) and the prompt's token ids."""
+    async def load_images(self, req: ChatCompletionRequest) -> list:
+        """The request's image parts as decoded images, in prompt order (400s name the part)."""
+        urls = image_urls(req)
+        if not urls:
+            return []
+        self.chat_format.messages(req)  # parts it cannot take are refused before anything is fetched
+        if self.vision is None:
+            raise bad_request(f"The model '{self.model_name}' cannot read images: {self.no_images}.",
+                              param=urls[0][0], code="images_not_supported")  # fmt: skip
+        limits = self.image_limits
+        if len(urls) > limits.max_images:
+            raise bad_request(f"At most {limits.max_images} images per request; this one has {len(urls)}.",
+                              param=urls[limits.max_images][0], code="too_many_images")  # fmt: skip
+        results = await asyncio.gather(*(load_image(url, limits, param) for param, url in urls), return_exceptions=True)
+        for result in results:  # the first failing part, in prompt order
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
+
+    def chat_prompt(
+        self, req: ChatCompletionRequest, images: list | None = None
+    ) -> tuple[str, list[int], PromptImages | None]:
+        """The answer parser's prefix (the prompt as text, see ChatFormat.parser_prefix), the prompt's token ids
+        and, with images, what the encoder reads of them (the checkpoint's processor writes their soft tokens)."""
         text = self.chat_format.prompt(req)
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return self.chat_format.parser_prefix(req, text), ids
+        prefix = self.chat_format.parser_prefix(req, text)
+        if not images:
+            return prefix, list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), None
+        try:
+            ids, prompt_images = self.vision.encode(text, images)
+        except ImageInputError as exc:
+            raise bad_request(f"The images do not fit the prompt: {exc}", param="messages",
+                              code="invalid_image") from exc  # fmt: skip
+        return prefix, ids, prompt_images
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
@@ -245,6 +280,7 @@ class Serving:
         grammar=None,
         variants: list[Variant] | None = None,
         variant_param: str = "infill",
+        images: PromptImages | None = None,
     ) -> list[DenoiseState]:
         """One engine request per prompt, choice and variant (canvas constraints; fill-in-the-middle has one per
         candidate length); each gets its own copy of the compiled `grammar`."""
@@ -291,10 +327,13 @@ class Serving:
                             row_params,
                             grammar=grammar.deep_copy() if grammar is not None else None,
                             constraints=variant.constraints if variant is not None else None,
+                            images=images.copy() if images is not None else None,
                         )
                     except ContextLengthError as exc:
                         param = variant_param if variant is not None and variant.max_tokens else prompt_param
                         raise bad_request(str(exc), param=param, code="context_length_exceeded") from exc
+                    except ImageInputError as exc:
+                        raise bad_request(str(exc), param=prompt_param, code="invalid_image") from exc
                     except SamplingParamsError as exc:
                         param = prompt_param if exc.param == "prompt" else exc.param
                         raise bad_request(str(exc), param=param) from exc

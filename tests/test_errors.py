@@ -23,8 +23,15 @@ BAD = [
     ("empty-messages", CHAT, {"model": "tiny-random", "messages": []}, 400, "messages", "invalid_value"),
     ("bad-role", CHAT, {"model": "tiny-random", "messages": [{"role": "robot", "content": "x"}]}, 400,
      "messages[0].role", "invalid_value"),
-    ("image-part", CHAT, {"model": "tiny-random", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages[0].content[0].type", None),
+    ("audio-part", CHAT, {"model": "tiny-random", "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]}, 400,
+     "messages[0].content[0].type", None),
+    ("audio-beside-image", CHAT, {"model": "tiny-random", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "file", "file": {}}]}]}, 400, "messages[0].content[1].type", None),
+    ("image-unreachable-host", CHAT, {"model": "tiny-random", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://no-such-host.invalid/y.png"}}]}]}, 400,
+     "messages[0].content[0]", "image_fetch_failed"),
     ("temperature-string", CHAT, {**OK_CHAT, "temperature": "hot"}, 400, "temperature", "invalid_value"),
     ("temperature-too-high", CHAT, {**OK_CHAT, "temperature": 5}, 400, "temperature", "invalid_value"),
     ("max-tokens-zero", CHAT, {**OK_CHAT, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),

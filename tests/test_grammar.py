@@ -66,7 +66,12 @@ def test_commit_only_keeps_the_passes_unconstrained(grammar_engine):
     grammar = grammar_from("lark", 'start: "Order status report: " ("open" | "shipped")')
     plain = run_to_end(grammar_engine, [(PROMPT, params(3, steps=6, include_drafts=True))])[0]
     commit_only = run_to_end(grammar_engine, [(PROMPT, params(3, steps=6, include_drafts=True), grammar, False)])[0]
-    assert [p.argmax_ids for p in commit_only["passes"]] == [p.argmax_ids for p in plain["passes"]]
+
+    # The first canvas is refined exactly as without a grammar (later canvases follow different commits).
+    def first_canvas(run):
+        return [p.argmax_ids for p in run["passes"] if p.canvas_index == 0]
+
+    assert first_canvas(commit_only) and first_canvas(commit_only) == first_canvas(plain)
     assert text_of(grammar_engine, commit_only) in ("Order status report: open", "Order status report: shipped")
 
 

@@ -78,3 +78,15 @@ def test_the_document_refuses_what_the_server_refuses_ignore_eos_with_a_grammar(
     assert (not errors) == valid, errors
     r = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=60)
     assert (r.status_code == 200) == valid, r.text
+
+
+def test_messages_offer_text_and_image_parts_and_predictions_text_only(server):
+    schemas = _doc(server)["components"]["schemas"]
+    parts = schemas["ChatMessage"]["properties"]["content"]["anyOf"][1]["items"]
+    assert [o["$ref"].rsplit("/", 1)[1] for o in parts["oneOf"]] == ["TextPart", "ImagePart"]
+    assert set(parts["discriminator"]["mapping"]) == {"text", "image_url"}
+    assert schemas["ImagePart"]["properties"]["image_url"] == {"$ref": "#/components/schemas/ImageURL"}
+    assert schemas["Prediction"]["properties"]["content"]["anyOf"][1]["items"] == {
+        "$ref": "#/components/schemas/TextPart"
+    }
+    assert "OtherPart" not in schemas

@@ -144,3 +144,55 @@ def test_sudoku_mode_solves_the_readme_puzzle(page):
             page.screenshot(path=str(Path(shots) / "playground.png"), full_page=True)
     finally:
         proc.stop()
+
+
+def test_pasted_and_dropped_images_go_with_the_prompt(server, page):
+    """An image pasted into the prompt and one dropped on it are sent as image_url parts, in that order: the
+    answer is the API's for the same parts."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def png(seed: int) -> str:
+        pixels = (np.random.default_rng(seed).random((24, 36, 3)) * 255).astype("uint8")
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    first, second = png(1), png(2)
+    page.goto(f"{server.base_url}/?mode=chat&seed=5&steps=4&max_tokens=24&prompt=Describe")
+    page.wait_for_function("window.pressPlayground && window.pressPlayground.loaded === true")
+    page.evaluate(
+        """([a, b]) => {
+          const file = (b64, name) =>
+            new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name, { type: "image/png" });
+          const pasted = new DataTransfer();
+          pasted.items.add(file(a, "a.png"));
+          document.getElementById("prompt").dispatchEvent(
+            new ClipboardEvent("paste", { clipboardData: pasted, bubbles: true, cancelable: true }));
+          const dropped = new DataTransfer();
+          dropped.items.add(file(b, "b.png"));
+          document.getElementById("text-input").dispatchEvent(
+            new DragEvent("drop", { dataTransfer: dropped, bubbles: true, cancelable: true }));
+        }""",
+        [first, second],
+    )
+    page.wait_for_function("window.pressPlayground.images === 2")
+    assert page.locator("#image-list img").count() == 2
+    page.click("#run")
+    page.wait_for_function("window.pressPlayground.finished === true", timeout=120_000)
+    play = page.evaluate("({...window.pressPlayground})")
+    assert play["error"] is None, play["error"]
+    parts = [{"type": "text", "text": "Describe"}] + [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}} for b64 in (first, second)
+    ]
+    api = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x").chat.completions.create(
+        model="tiny-random", messages=[{"role": "user", "content": parts}], seed=5, max_tokens=24,
+        extra_body={"denoising_steps": 4},
+    )  # fmt: skip
+    assert play["text"] == api.choices[0].message.content
+    page.click("#image-list button")  # removing one leaves one
+    assert page.locator("#image-list img").count() == 1
+    assert page.console_errors == []

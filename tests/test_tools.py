@@ -130,7 +130,7 @@ def test_agent_loop_forced_call_tool_result_final_answer(client, tokenizer):
                 {"role": "user", "content": "What is the weather in Paris?"}]  # fmt: skip
     # 1. A forced call, streamed and assembled by the SDK's stream helper.
     with client.chat.completions.stream(model="tiny-random", messages=messages, tools=TOOLS, tool_choice="required",
-                                        seed=1, max_tokens=64, extra_body=FAST,
+                                        seed=1, max_tokens=160, extra_body=FAST,
                                         stream_options={"include_usage": True}) as stream:  # fmt: skip
         for _ in stream:
             pass
@@ -145,7 +145,7 @@ def test_agent_loop_forced_call_tool_result_final_answer(client, tokenizer):
     assert first.usage.prompt_tokens == prompt_tokens(tokenizer, messages, TOOLS)
     # The same request, not streamed, gives the same call (same seed).
     again = client.chat.completions.create(model="tiny-random", messages=messages, tools=TOOLS, tool_choice="required",
-                                           seed=1, max_tokens=64, extra_body=FAST)  # fmt: skip
+                                           seed=1, max_tokens=160, extra_body=FAST)  # fmt: skip
     assert again.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
     assert again.usage.completion_tokens == first.usage.completion_tokens
     # 2. The tool's result goes back; the model answers (free text on this random model).

@@ -88,6 +88,8 @@ def main(out: Path) -> None:
         "unk_token": "<unk>",
         "add_bos_token": False,
         "model_max_length": 4096,
+        # The image tokens by role, as Gemma 4's tokenizer names them for its processor.
+        "extra_special_tokens": {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>"},
         "response_template": GEMMA4_RESPONSE_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -12,6 +12,7 @@ let previous = [];
 let chartPoints = [];
 let started = 0;
 let puzzles = [];
+let images = []; // data: URLs of pasted, dropped or chosen images, sent as image_url parts in chat mode
 
 // ------------------------------------------------------------------ helpers
 
@@ -268,8 +269,57 @@ function requestBody(mode) {
     const puzzle = boardPuzzle();
     body.messages = [{ role: "user", content: puzzle }];
     if ($("givens-fixed").checked) body.infill = { template: givensTemplate(puzzle) };
+  } else if (images.length) {
+    const parts = [{ type: "text", text: $("prompt").value }];
+    for (const url of images) parts.push({ type: "image_url", image_url: { url } });
+    body.messages = [{ role: "user", content: parts }];
   } else body.messages = [{ role: "user", content: $("prompt").value }];
   return body;
+}
+
+// ------------------------------------------------------------------ images
+
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function addImages(files) {
+  for (const file of files) {
+    if (!file.type.startsWith("image/")) continue;
+    images.push(await readAsDataURL(file));
+  }
+  drawImages();
+}
+
+function drawImages() {
+  const list = $("image-list");
+  list.innerHTML = "";
+  images.forEach((url, i) => {
+    const item = document.createElement("li");
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = `image ${i + 1}`;
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = "Remove";
+    remove.setAttribute("aria-label", `Remove image ${i + 1}`);
+    remove.addEventListener("click", () => { images.splice(i, 1); drawImages(); });
+    item.append(img, remove);
+    list.append(item);
+  });
+  play.images = images.length;
+}
+
+function imageFiles(transfer) {
+  if (!transfer) return [];
+  const files = [...(transfer.files || [])];
+  if (files.length) return files;
+  return [...(transfer.items || [])].filter((it) => it.kind === "file").map((it) => it.getAsFile()).filter(Boolean);
 }
 
 async function run(ev) {
@@ -365,6 +415,19 @@ buildBoard();
 readLink();
 showMode();
 $("mode").addEventListener("change", showMode);
+$("image-file").addEventListener("change", (ev) => { addImages([...ev.target.files]); ev.target.value = ""; });
+$("prompt").addEventListener("paste", (ev) => {
+  const files = imageFiles(ev.clipboardData);
+  if (files.length) { ev.preventDefault(); addImages(files); }
+});
+const dropZone = $("text-input");
+dropZone.addEventListener("dragover", (ev) => { ev.preventDefault(); dropZone.classList.add("dragging"); });
+dropZone.addEventListener("dragleave", () => dropZone.classList.remove("dragging"));
+dropZone.addEventListener("drop", (ev) => {
+  ev.preventDefault();
+  dropZone.classList.remove("dragging");
+  addImages(imageFiles(ev.dataTransfer));
+});
 $("controls").addEventListener("submit", run);
 $("cancel").addEventListener("click", () => controller && controller.abort());
 $("share").addEventListener("click", shareLink);
