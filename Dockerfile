@@ -1,6 +1,7 @@
 # Press on a CUDA runtime.
 #   docker build -t press .
 #   docker run --gpus all -p 8000:8000 -v /srv/models:/models press --model /models/diffusiongemma-26B-A4B-it
+#   docker build --build-arg PRESS_EXTRAS=[ray] -t press:ray .     (with Ray Serve)
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
@@ -21,7 +22,9 @@ COPY engine ./engine
 COPY server ./server
 COPY configs ./configs
 COPY models/tiny-sudoku ./models/tiny-sudoku
-RUN pip install -c constraints.txt .
+# PRESS_EXTRAS=[ray] adds Ray Serve, for `press serve --ray` and the KubeRay manifest in docker/kuberay/.
+ARG PRESS_EXTRAS=""
+RUN pip install -c constraints.txt ".${PRESS_EXTRAS}"
 ENV PRESS_SHIPPED_MODELS=/app/models
 
 RUN useradd --create-home --uid 10001 press && mkdir -p /models /cache && chown 10001 /models /cache

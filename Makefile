@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.press-installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check '$(TORCH_SPEC)'
-	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[test,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/engine.py --size tiny
 	$(VENV)/bin/python bench/compiled.py
 	$(VENV)/bin/python bench/prefix_cache.py
+	$(VENV)/bin/python bench/ray_serve.py
 
 # Schemathesis against a real server on the built-in model: >= 10,000 generated requests, every check (tests/fuzz/).
 fuzz: $(STAMP)

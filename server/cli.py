@@ -66,6 +66,15 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-fetch-private", default=None, action=argparse.BooleanOptionalAction,
                    help="allow image URLs on private, loopback and link-local addresses (default off)")  # fmt: skip
     p.add_argument("--image-fetch-timeout", type=float, default=None, help="seconds per image fetch (default 10)")
+    p.add_argument("--ray", default=None, action=argparse.BooleanOptionalAction,
+                   help="engine replicas behind one endpoint on Ray Serve (pip install press[ray])")  # fmt: skip
+    p.add_argument("--ray-replicas", type=int, default=None, help="engine replicas (default 1)")
+    p.add_argument("--ray-min-replicas", type=int, default=None, help="autoscaling: fewest replicas")
+    p.add_argument("--ray-max-replicas", type=int, default=None, help="autoscaling: most replicas (turns it on)")
+    p.add_argument("--ray-replica-cpus", type=float, default=None, help="CPUs per replica (default 1)")
+    p.add_argument("--ray-replica-gpus", type=float, default=None, help="GPUs per replica (default: 1 on CUDA)")
+    p.add_argument("--ray-affinity-imbalance", type=int, default=None,
+                   help="requests a conversation's replica may have beyond the least loaded (default 4)")  # fmt: skip
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -79,6 +88,13 @@ def serve(args: argparse.Namespace) -> None:
     from server.shutdown import run_server
 
     settings = load_settings(args)
+    if settings.server.ray:  # each replica loads (and plans) its engine where Ray places it
+        try:
+            from server.ray_serve.app import serve_forever
+        except ImportError as exc:
+            raise SystemExit(f"press serve --ray: Ray Serve is missing (pip install 'press[ray]'): {exc}") from None
+        serve_forever(settings)
+        return
     config = settings.engine
     try:  # refuse settings that cannot fit before anything loads (engine/memory_plan.py)
         device = resolve_device(config.device)

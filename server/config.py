@@ -46,6 +46,18 @@ class ServerConfig:
     image_fetch_private: bool = False
     image_fetch_timeout: float = 10.0
 
+    # Ray Serve (`press serve --ray`, pip install press[ray]): engine replicas behind one ingress. A fixed number of
+    # replicas, or autoscaling between min and max (when max is set); CPUs and GPUs per replica (GPUs: 1 on CUDA
+    # devices when unset); how many more requests in flight a conversation's replica may have than the least
+    # loaded one before the conversation goes elsewhere.
+    ray: bool = False
+    ray_replicas: int = 1
+    ray_min_replicas: int | None = None
+    ray_max_replicas: int | None = None
+    ray_replica_cpus: float = 1.0
+    ray_replica_gpus: float | None = None
+    ray_affinity_imbalance: int = 4
+
     def image_limits(self) -> ImageLimits:
         return ImageLimits(max_images=self.max_images, max_bytes=self.max_image_bytes,
                            max_pixels=self.max_image_pixels, fetch=self.image_fetch,

@@ -76,3 +76,24 @@ def test_dashboard_is_generated_and_queries_real_metrics(server, tmp_path):
 def test_presets_load(preset):
     settings = load_settings(argparse.Namespace(config=str(preset)), environ={})
     assert settings.engine.model and settings.engine.max_num_seqs >= 1
+
+
+def test_ray_serve_configs_build_the_press_application():
+    """configs/ray/serve.yaml (Ray's `serve run`) and the KubeRay RayService name the same builder, and it builds
+    the two deployments from their args."""
+    pytest.importorskip("ray.serve")
+    from server.ray_serve.app import app_builder
+
+    local = yaml.safe_load((ROOT / "configs" / "ray" / "serve.yaml").read_text())
+    service = yaml.safe_load((DOCKER / "kuberay" / "rayservice.yaml").read_text())
+    assert service["kind"] == "RayService"
+    cluster = yaml.safe_load(service["spec"]["serveConfigV2"])
+    for config in (local, cluster):
+        [app] = config["applications"]
+        assert app["import_path"] == "server.ray_serve.app:app_builder" and app["route_prefix"] == "/"
+    [worker] = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    built = app_builder(dict(local["applications"][0]["args"]))
+    assert type(built).__name__ == "Application"
+    args = cluster["applications"][0]["args"]
+    assert (ROOT / args["config"].removeprefix("/app/")).exists()  # the preset the cluster app names ships

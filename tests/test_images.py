@@ -459,3 +459,14 @@ def test_a_model_without_a_vision_tower_says_so():
         assert "cannot read images: its tokenizer has no image tokens" in err.value.body["message"]
     finally:
         proc.stop()
+
+
+def test_image_tokens_count_against_the_context(client, tiny_path):
+    image = picture(19)
+    prompt_len = len(processor_ids(tiny_path, [image], "Describe."))
+    assert prompt_len > 60  # the image's soft tokens are in it
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, [{"type": "text", "text": "Describe."}, image_part(data_url(image))],
+            max_tokens=4096 - prompt_len + 1)  # fmt: skip
+    assert err.value.body["code"] == "context_length_exceeded"
+    assert f"{prompt_len} in the prompt" in err.value.body["message"]
