@@ -114,9 +114,12 @@ def wrap_model(
     )
 
 
-def plan_memory(config: EngineConfig, path: str, device: torch.device, dtype: torch.dtype) -> tuple[MemoryPlan, int]:
+def plan_memory(
+    config: EngineConfig, path: str, device: torch.device, dtype: torch.dtype, report: bool = True
+) -> tuple[MemoryPlan, int]:
     """The memory plan of these settings from config.json, and the KV budget they leave; ValueError (with the
-    plan's arithmetic) when they cannot fit the device, before any weight is read."""
+    plan's arithmetic) when they cannot fit the device, before any weight is read. `report`: log the plan (the
+    loader does; `press serve`'s check before loading does not, so it is logged once)."""
     from transformers import AutoConfig
 
     quantization.check_method(config.quantization, device)
@@ -129,6 +132,8 @@ def plan_memory(config: EngineConfig, path: str, device: torch.device, dtype: to
     max_len = min(max_len, config.max_model_len) if config.max_model_len is not None else max_len
     budget = check_fits(plan, memory, max_len, config.max_num_seqs, config.prefix_cache_tokens)
     slots = plan.max_slots(memory, max_len, config.prefix_cache_tokens)
+    if not report:
+        return plan, budget
     log.info("memory plan: %s weights, %s left for request caches on %s (%d requests of %d tokens at once)",
              fmt(plan.weights), fmt(budget), fmt(memory), slots, max_len)  # fmt: skip
     if slots < config.max_num_seqs:

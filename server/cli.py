@@ -99,7 +99,7 @@ def serve(args: argparse.Namespace) -> None:
     try:  # refuse settings that cannot fit before anything loads (engine/memory_plan.py)
         device = resolve_device(config.device)
         plan_memory(config, resolve_model_path(config.model, config.cache_dir), device,
-                    resolve_dtype(config.dtype, device, config.quantization))  # fmt: skip
+                    resolve_dtype(config.dtype, device, config.quantization), report=False)  # fmt: skip
     except ValueError as exc:
         raise SystemExit(f"press serve: {exc}") from None
     except Exception:  # no readable config.json (a missing model): the server starts and reports it (503)
