@@ -160,6 +160,15 @@ def test_every_replicas_metrics_in_one_exposition(server):
     assert health["status"] == "ok" and health["replicas"] == 2
 
 
+def test_an_oversized_body_is_refused_at_the_ingress(server):
+    """A body over max_body_bytes (32 MiB) is refused by the ingress itself, before any replica sees it."""
+    big = b'{"model": "tiny-random", "prompt": "' + b"x" * (32 * 1024 * 1024) + b'"}'
+    r = httpx.post(server.base_url + "/v1/completions", content=big, timeout=120,
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert "x-press-replica" not in r.headers
+
+
 def test_killing_a_replica_under_load_loses_no_unstarted_request(server):
     """Eight non-streaming requests and two streams in flight; one replica's process is killed. Every
     non-streaming request (nothing of it was sent yet) still gets its answer from the other replica; a stream the

@@ -227,7 +227,19 @@ class PressIngress:
 
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
     async def forward(self, path: str, request: Request) -> Response:
-        body = await request.body()
+        # The replica enforces its limits again (and the body timeout); the ingress only refuses to buffer more.
+        limit = self.settings.server.max_body_bytes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return APIError(413, f"The request body is {length} bytes; the limit is {limit} bytes.",
+                            code="request_too_large").response()  # fmt: skip
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                return APIError(413, f"The request body exceeds the limit of {limit} bytes.",
+                                code="request_too_large").response()  # fmt: skip
+        body = bytes(body)
         parsed = None
         if body and request.method == "POST":
             with contextlib.suppress(ValueError):
