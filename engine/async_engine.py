@@ -60,6 +60,11 @@ class AsyncEngine:
                 with self._wake:
                     self._wake.notify()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is still running."""
+        return self._thread.is_alive()
+
     def shutdown(self, timeout: float = 5.0) -> None:
         with self._wake:
             self._stopping = True

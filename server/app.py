@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import threading
 import time
@@ -21,7 +20,7 @@ from server.config import Settings
 from server.errors import APIError, install_error_handlers
 from server.infill import FillInTheMiddle
 from server.llama_cpp import InfillRequest
-from server.middleware import RequestContext, ServerState
+from server.middleware import RequestContext, ServerState, check_api_key
 from server.openapi import install_openapi
 from server.playground import install_playground
 from server.protocol import (
@@ -111,15 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, config=settings.server, state=server_state)
 
     def require_key(request: Request) -> None:
-        key = settings.server.api_key
-        if not key:
-            return
-        auth = request.headers.get("authorization", "")
-        given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not given or not hmac.compare_digest(given.encode(), key.encode()):
-            raise APIError(401, "Invalid or missing API key. Send 'Authorization: Bearer <key>' or 'x-api-key'.",
-                           type="authentication_error", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        check_api_key(request.headers, settings.server.api_key)
 
     @app.get("/health")
     async def health() -> dict:

@@ -46,6 +46,14 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def body_too_large(limit: int, length: str | None = None) -> APIError:
+    """413 for a body over `limit` bytes: by its Content-Length when given, else found while reading it."""
+    if length is not None:
+        return APIError(413, f"The request body is {length} bytes; the limit is {limit} bytes.",
+                        code="request_too_large")  # fmt: skip
+    return APIError(413, f"The request body exceeds the limit of {limit} bytes.", code="request_too_large")
+
+
 class RequestCut(Exception):
     """A request the server stopped waiting for: past request_timeout, or still running when the shutdown timeout
     ran out. Raised while its events are awaited; `error` is what its client gets (a response, or a stream's

@@ -7,6 +7,7 @@ flight" lasts until the last SSE event has been sent.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -14,7 +15,7 @@ import time
 import uuid
 
 from server.config import ServerConfig
-from server.errors import APIError
+from server.errors import APIError, body_too_large
 
 request_log = logging.getLogger("press.requests")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -69,8 +70,7 @@ class RequestContext:
         limit = self.config.max_body_bytes
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
-            await reject(APIError(413, f"The request body is {length} bytes; the limit is {limit} bytes.",
-                                  code="request_too_large"))  # fmt: skip
+            await reject(body_too_large(limit, length))
             self._log(scope, request_id, status["code"], started)
             return
         if scope.get("method") in ("POST", "PUT", "PATCH"):
@@ -94,8 +94,7 @@ class RequestContext:
                 body += message.get("body", b"")
                 more = message.get("more_body", False)
                 if len(body) > limit:
-                    await reject(APIError(413, f"The request body exceeds the limit of {limit} bytes.",
-                                          code="request_too_large"))  # fmt: skip
+                    await reject(body_too_large(limit))
                     self._log(scope, request_id, status["code"], started)
                     return
             replayed = False
@@ -133,3 +132,15 @@ class RequestContext:
             **scope.get("state", {}).get("log", {}),
         }
         request_log.info(json.dumps(line, separators=(",", ":")))
+
+
+def check_api_key(headers, key: str | None) -> None:
+    """401 unless the request carries `key` (as `Authorization: Bearer KEY` or `x-api-key: KEY`); no key, no check."""
+    if not key:
+        return
+    auth = headers.get("authorization", "")
+    given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+    if not given or not hmac.compare_digest(given.encode(), key.encode()):
+        raise APIError(401, "Invalid or missing API key. Send 'Authorization: Bearer <key>' or 'x-api-key'.",
+                       type="authentication_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip

@@ -35,7 +35,8 @@ from ray.serve.exceptions import BackPressureError
 
 from engine.config import EngineConfig
 from server.config import ServerConfig, Settings
-from server.errors import APIError
+from server.errors import APIError, body_too_large, install_error_handlers
+from server.middleware import check_api_key
 from server.ray_serve.asgi import ForwardedRequest, call_app
 from server.ray_serve.routing import affinity_keys
 
@@ -169,17 +170,18 @@ class PressReplica:
             yield message
 
     def __del__(self) -> None:  # Ray Serve's replica shutdown: stop the engine thread
-        holder = getattr(getattr(self, "app", None), "state", None)
-        if holder is not None:
-            self.app.state.holder.shutdown()
+        app = getattr(self, "app", None)  # absent when the constructor failed
+        if app is not None:
+            app.state.holder.shutdown()
 
     def check_health(self) -> None:
         serving = self.app.state.holder.serving
-        if serving is None or not serving.engine._thread.is_alive():
+        if serving is None or not serving.engine.alive:
             raise RuntimeError("the engine thread has stopped")
 
 
 ingress_app = FastAPI(title="Press on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
+install_error_handlers(ingress_app)
 
 
 @serve.ingress(ingress_app)
@@ -190,13 +192,10 @@ class PressIngress:
         self.store = _store(store_name)
         self.counts = {"retried": 0, "broken_streams": 0}  # replica failures this ingress absorbed or reported
 
-    def _authorized(self, request: Request) -> bool:
-        key = self.settings.server.api_key
-        if not key or not self.settings.server.metrics_require_key:
-            return True
-        auth = request.headers.get("authorization", "")
-        given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        return given == key
+    def _require_metrics_key(self, request: Request) -> None:
+        """/metrics and /replicas need the API key when press serve's /metrics would (metrics_require_key)."""
+        if self.settings.server.metrics_require_key:
+            check_api_key(request.headers, self.settings.server.api_key)
 
     @ingress_app.get("/health")
     async def health(self) -> dict:
@@ -209,9 +208,7 @@ class PressIngress:
 
     @ingress_app.get("/replicas")
     async def replicas(self, request: Request):
-        if not self._authorized(request):
-            return APIError(401, "Invalid or missing API key.", type="authentication_error",
-                            code="invalid_api_key").response()  # fmt: skip
+        self._require_metrics_key(request)
         reports = await self.store.get.remote()
         now = time.time()
         return {"data": [{"id": k, "pid": r["pid"], "running": r["running"], "waiting": r["waiting"],
@@ -219,9 +216,7 @@ class PressIngress:
 
     @ingress_app.get("/metrics")
     async def metrics(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return APIError(401, "Invalid or missing API key.", type="authentication_error",
-                            code="invalid_api_key").response()  # fmt: skip
+        self._require_metrics_key(request)
         reports = await self.store.get.remote()
         return Response(merge_metrics({k: r["metrics"] for k, r in reports.items()}), media_type=CONTENT_TYPE_LATEST)
 
@@ -231,14 +226,12 @@ class PressIngress:
         limit = self.settings.server.max_body_bytes
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
-            return APIError(413, f"The request body is {length} bytes; the limit is {limit} bytes.",
-                            code="request_too_large").response()  # fmt: skip
+            return body_too_large(limit, length).response()
         body = bytearray()
         async for piece in request.stream():
             body += piece
             if len(body) > limit:
-                return APIError(413, f"The request body exceeds the limit of {limit} bytes.",
-                                code="request_too_large").response()  # fmt: skip
+                return body_too_large(limit).response()
         body = bytes(body)
         parsed = None
         if body and request.method == "POST":
