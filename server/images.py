@@ -154,7 +154,8 @@ async def _fetch(url: str, limits: ImageLimits, param: str):
         raise _fail(f"Fetching the image followed more than {MAX_REDIRECTS} redirects.", param, "image_fetch_failed")
 
     try:
-        data, declared = await asyncio.wait_for(get(), limits.fetch_timeout)
+        async with asyncio.timeout(limits.fetch_timeout):
+            data, declared = await get()
     except TimeoutError:
         raise _fail(f"Fetching the image took longer than {limits.fetch_timeout:g} s.", param,
                     "image_fetch_failed") from None  # fmt: skip

@@ -82,7 +82,8 @@ class RequestContext:
             deadline = time.monotonic() + self.config.body_timeout
             while more:
                 try:
-                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        message = await receive()
                 except TimeoutError:
                     seconds = self.config.body_timeout
                     await reject(APIError(408, f"The request body did not arrive within {seconds:g} s.",

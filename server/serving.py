@@ -366,9 +366,12 @@ class Serving:
                     raise RequestCut(shutdown_error())
                 # Wake at least every CUT_POLL_S to see whether the shutdown timeout has run out.
                 wait = CUT_POLL_S if deadline is None else min(CUT_POLL_S, max(0.0, deadline - loop.time()))
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that arrives as the
+                # queue hands over an event, and a client's disconnect would then not stop the engine (gh-86296).
                 try:
-                    index, event = await asyncio.wait_for(queue.get(), wait)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(wait):
+                        index, event = await queue.get()
+                except TimeoutError:
                     if deadline is not None and loop.time() >= deadline:
                         raise RequestCut(timeout_error(self.config.request_timeout)) from None
                     continue

@@ -175,7 +175,9 @@ def test_killing_a_replica_under_load_loses_no_unstarted_request(server):
     dead replica was serving ends with an error event instead of hanging; the service keeps answering and Ray
     brings the replica back."""
     before = replicas(server.base_url)
-    body = {"model": "tiny-random", "max_tokens": 96, "denoising_steps": 4}
+    # Long enough (no early EOS) that the victim is still serving when the kill lands: its figures are up to half a
+    # second old.
+    body = {"model": "tiny-random", "max_tokens": 256, "denoising_steps": 8, "ignore_eos": True}
 
     def plain(i: int) -> int:
         r = httpx.post(server.base_url + "/v1/chat/completions", timeout=120,
