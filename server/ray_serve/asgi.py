@@ -82,6 +82,10 @@ async def call_app(app, request: ForwardedRequest) -> AsyncIterator[dict]:
         disconnected.set()
         if not task.done():
             try:  # the app notices the disconnect (and cancels its engine request) within a poll or two
-                await asyncio.wait_for(asyncio.shield(task), timeout=2.0)
-            except (TimeoutError, asyncio.CancelledError, Exception):
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(task)
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
+            except Exception:  # TimeoutError included; the app's own errors were answered by the app
                 task.cancel()
