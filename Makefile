@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.press-installed
 
-.PHONY: install serve test test-compat lint format bench fuzz clean
+.PHONY: install serve test test-compat lint format bench fuzz clean device-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -56,3 +56,16 @@ test-compat:
 	$(COMPAT_VENV)/bin/pip install -q --disable-pip-version-check 'transformers==5.17.0'
 	$(COMPAT_VENV)/bin/python -m pytest tests/test_equivalence.py tests/test_batching.py tests/test_denoise.py \
 		tests/test_detokenizer.py tests/test_chat_format.py tests/test_tools.py
+
+# Wheels for a lent GPU machine (Python 3.12, torch and transformers preinstalled, no registry): what Press and its
+# tests need beyond that image, at this venv's versions, into .whl/ (git-ignored) for bench/device_check.sh.
+DEVICE_WHEELS := fastapi starlette pydantic pydantic_core annotated-types typing-inspection typing_extensions \
+	annotated-doc opentelemetry-api uvicorn sse-starlette llguidance torchao openai httpx2 httpcore2 truststore jiter \
+	sniffio anyio jsonschema jsonschema-specifications referencing rpds-py
+device-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	for p in $(DEVICE_WHEELS); do v=$$($(PIP) show $$p | sed -n 's/^Version: //p'); \
+		$(PIP) download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_24_x86_64 -d .whl "$$p==$$v" || exit 1; done
+	du -sh .whl
