@@ -53,7 +53,8 @@ async def drive(base_url: str, n: int) -> list[dict]:
             async with sem:
                 return await one_request(http, i)
 
-        return await asyncio.wait_for(asyncio.gather(*(guarded(i) for i in range(n))), timeout=600)
+        async with asyncio.timeout(600):
+            return await asyncio.gather(*(guarded(i) for i in range(n)))
 
 
 def test_load_with_disconnects(server):
