@@ -3,12 +3,14 @@
 # for it. Stages (arguments, in order; default: tests engine):
 #   tests   the engine and HTTP tests on CUDA (engines default to cuda + bf16 there), junit XML + log
 #   engine  bench/engine.py --size full: the random-weight DiffusionGemma-26B-A4B, transformers' generate()
-#           against Press stock / compiled / batch-invariant at batch 1 and 8 (issue 13's GPU targets)
+#           against Press eager with stock kernels and with the batch-invariant expert loop, batch 1 and 8
+#   compiled  the same for compiled passes (startup compile of batch buckets 1-8 timed; issue 13's GPU targets)
 #   quant   bench/quantization.py --size full: bf16 / int8 / int4 / fp8, peak memory and pass time (issue 14)
 # Each stage has its own time limit (STAGE_S seconds each, env) so one that hangs leaves time for the rest; what
 # every stage printed lands in $OUT (ENGINE_SIZE=tiny QUANT_SIZE=mid WHEELS=none: a CPU smoke run). Wheels: `make device-wheels` here first, then carry `.whl`.
 #
-#   run(command="bash bench/device_check.sh tests engine", carry=[".whl"], timeout_s=590)
+#   run(command="bash bench/device_check.sh tests engine", carry=[".whl"], timeout_s=590)    # first call
+#   run(command="bash bench/device_check.sh compiled", carry=[".whl"], timeout_s=590)        # then, or: quant
 set -u
 OUT=${OUT:-/tmp/press-device}
 mkdir -p "$OUT"
@@ -54,8 +56,12 @@ for s in "${stages[@]}"; do
                 tests/test_equivalence.py tests/test_batching.py tests/test_denoise.py tests/test_prefix_cache.py \
                 tests/test_compiled.py tests/test_quantization.py tests/test_images.py tests/test_http.py \
                 tests/test_errors.py tests/test_structured_outputs.py tests/test_logprobs.py ;;
-        engine)
-            stage engine "${STAGE_S:-300}" python3 bench/engine.py --size "${ENGINE_SIZE:-full}" --batches 1,8 --repeats 2 --out "$OUT" ;;
+        engine)  # eager: stock kernels (grouped_mm) against the batch-invariant expert loop
+            stage engine "${STAGE_S:-200}" python3 bench/engine.py --size "${ENGINE_SIZE:-full}" --batches 1,8 \
+                --repeats 2 --kernels stock,batch-invariant --out "$OUT/engine" ;;
+        compiled)  # compiled passes with CUDA graphs: buckets 1-8 compile at startup (timed)
+            stage compiled "${STAGE_S:-420}" python3 bench/engine.py --size "${ENGINE_SIZE:-full}" --batches 1,8 \
+                --repeats 2 --kernels compiled --out "$OUT/compiled" ;;
         quant)
             stage quant "${STAGE_S:-540}" python3 bench/quantization.py --size "${QUANT_SIZE:-full}" --out "$OUT" ;;
         *)
