@@ -211,8 +211,6 @@ def _request_rules(components: dict) -> None:
                                "description": "Not supported: only an empty object or null."}  # fmt: skip
         if "echo" in props:
             props["echo"] = {"anyOf": [{"const": False}, {"type": "null"}], "description": "Not supported."}
-        if "best_of" in props:
-            props["best_of"] = {"type": "null", "description": "Not supported."}
 
 
 def _supported_parts(components: dict) -> None:

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
 
+from server.best_of import MAX_BEST_OF
+
 # OpenAI's seed is an int64.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
@@ -145,6 +147,8 @@ class DiffusionParams(BaseModel):
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
+    # OpenAI's completions parameter, on both endpoints: rows per prompt, the n most confident answer.
+    best_of: Annotated[int, Field(ge=1, le=MAX_BEST_OF), JSON_INTEGER] | None = None
     # Accepted for compatibility; they have no diffusion counterpart and are ignored.
     presence_penalty: Annotated[float, Field(ge=-2, le=2), JSON_NUMBER] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2), JSON_NUMBER] | None = None
@@ -238,7 +242,6 @@ class CompletionRequest(DiffusionParams):
     ) = None
     # Alternatives per token (OpenAI allows up to 5 here; Press, like vLLM, up to 20).
     logprobs: Annotated[int, Field(ge=0, le=20), JSON_INTEGER] | None = None
-    best_of: Integer | None = None
 
 
 # ---------------------------------------------------------------- responses
@@ -266,7 +269,8 @@ class Draft(BaseModel):
     mean_entropy: float
     # Character spans [start, end) of `text` holding fixed tokens (infill templates, fill-in-the-middle suffixes).
     fixed_spans: list[tuple[int, int]] | None = None
-    # Fill-in-the-middle: which candidate middle length this draft belongs to (see README, Fill-in-the-middle).
+    # Which candidate row this draft belongs to: a fill-in-the-middle length (see README, Fill-in-the-middle) or a
+    # best_of candidate.
     candidate: int | None = None
     hole: int | None = None
     # With stream_options.include_draft_tokens: per canvas position, the argmax token's text and whether this
@@ -276,12 +280,30 @@ class Draft(BaseModel):
     fixed: list[int] | None = None
 
 
+class BestOfCandidate(BaseModel):
+    # The lowest and the mean log-probability of the answer's tokens (null for an empty answer): ranked by the
+    # lowest, ties by the mean.
+    min_logprob: float | None
+    mean_logprob: float | None
+    passes: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class BestOfStats(BaseModel):
+    """The candidate rows a best_of choice was picked from (all of its prompt's), and which one it is."""
+
+    chosen: int
+    candidates: list[BestOfCandidate]
+
+
 class DiffusionStats(BaseModel):
     """Press extension on a finished choice: how the answer was denoised."""
 
     canvases: int
     passes: int
     tokens_per_forward: float
+    best_of: BestOfStats | None = None  # with best_of > n or reasoning_effort high
 
 
 class ResponseMessage(BaseModel):

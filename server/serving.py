@@ -21,7 +21,13 @@ from engine.engine import ContextLengthError
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent, TokenLogprob
 from engine.images import ImageInputError, PromptImages
 from engine.request import DenoiseState
-from engine.sampling_params import REASONING_EFFORT_PRESETS, SamplingParams, SamplingParamsError
+from engine.sampling_params import (
+    REASONING_EFFORT_BEST_OF,
+    REASONING_EFFORT_PRESETS,
+    SamplingParams,
+    SamplingParamsError,
+)
+from server.best_of import BestOf
 from server.chat import ChatFormat, ParsedAnswer, image_urls
 from server.config import ServerConfig
 from server.errors import (
@@ -131,8 +137,11 @@ class Serving:
                 raise bad_request("'suffix' cannot be combined with structured outputs.", param="suffix")
             if req.middle_lengths is not None and req.suffix is None:
                 raise bad_request("'middle_lengths' applies to 'suffix' requests only.", param="middle_lengths")
-            if req.best_of is not None:
-                raise bad_request("'best_of' is not supported by this diffusion server.", param="best_of")
+            if req.suffix is not None and (req.best_of or req.n) > req.n:
+                raise bad_request("'best_of' cannot be combined with 'suffix': fill-in-the-middle already picks "
+                                  "among candidate lengths.", param="best_of")  # fmt: skip
+        if req.best_of is not None and req.best_of < req.n:
+            raise bad_request(f"'best_of' ({req.best_of}) must be at least 'n' ({req.n}).", param="best_of")
 
     def sampling_params(self, req: DiffusionParams, max_tokens: int | None, prompt_len: int) -> SamplingParams:
         """Resolve request fields over the checkpoint's defaults into concrete SamplingParams."""
@@ -271,6 +280,23 @@ class Serving:
             out.append(ids)
         return out
 
+    @staticmethod
+    def rows_per_prompt(req: DiffusionParams) -> int:
+        """Engine rows per prompt: `best_of`, else n times the reasoning effort's candidates (server/best_of.py);
+        fill-in-the-middle keeps n (its rows are candidate lengths)."""
+        if isinstance(req, CompletionRequest) and req.suffix is not None:
+            return req.n
+        if req.best_of is not None:
+            return req.best_of
+        return req.n * REASONING_EFFORT_BEST_OF.get(req.reasoning_effort or "", 1)
+
+    def best_of(self, req: DiffusionParams, states: list[DenoiseState]) -> BestOf | None:
+        """The grouping of a request's rows into its choices, when it denoises more rows than it answers with."""
+        rows = self.rows_per_prompt(req)
+        if rows == req.n:
+            return None
+        return BestOf(rows, req.n, len(states) // rows, logprobs_wanted=self.logprobs_wanted(req) is not None)
+
     def make_states(
         self,
         req: DiffusionParams,
@@ -282,12 +308,19 @@ class Serving:
         variant_param: str = "infill",
         images: PromptImages | None = None,
     ) -> list[DenoiseState]:
-        """One engine request per prompt, choice and variant (canvas constraints; fill-in-the-middle has one per
-        candidate length); each gets its own copy of the compiled `grammar`."""
+        """One engine request per prompt, row (a choice, or a best_of candidate) and variant (canvas constraints;
+        fill-in-the-middle has one per candidate length); each gets its own copy of the compiled `grammar`."""
         if len(prompts) * req.n > MAX_CHOICES:
             raise bad_request(f"At most {MAX_CHOICES} choices (prompts x n) per request.", param="n",
                               code="too_many_choices")  # fmt: skip
-        rows = len(prompts) * req.n * len(variants or [None])
+        per_prompt = self.rows_per_prompt(req)
+        if len(prompts) * per_prompt > MAX_CHOICES:
+            raise bad_request(
+                f"At most {MAX_CHOICES} candidate answers per request; this one asks for {len(prompts) * per_prompt} "
+                f"(prompts x best_of, or x n x {REASONING_EFFORT_BEST_OF['high']} at reasoning_effort high).",
+                param="best_of" if req.best_of is not None else "n", code="too_many_choices",
+            )  # fmt: skip
+        rows = len(prompts) * per_prompt * len(variants or [None])
         max_queue = self.engine.engine.config.max_queue
         if rows > max_queue:  # would never fit the queue: not a retry, a smaller request
             raise bad_request(
@@ -312,11 +345,13 @@ class Serving:
                     code="prompt_too_long",
                 )
             params = self.sampling_params(req, max_tokens, len(prompt))
-            for i in range(req.n):
+            if per_prompt > req.n and params.logprobs is None:
+                params = params.with_changes(logprobs=0)  # best_of ranks the rows by their answers' log-probabilities
+            for i in range(per_prompt):
                 choice_params = params
                 if params.seed is not None and (p_idx or i):
-                    # Distinct but reproducible streams per choice.
-                    choice_params = params.with_changes(seed=(params.seed + p_idx * req.n + i) % 2**63)
+                    # Distinct but reproducible streams per row.
+                    choice_params = params.with_changes(seed=(params.seed + p_idx * per_prompt + i) % 2**63)
                 for v, variant in enumerate(variants or [None]):
                     row_params = choice_params
                     if variant is not None and variant.max_tokens is not None:
@@ -382,12 +417,26 @@ class Serving:
             for task in tasks:
                 task.cancel()
 
-    async def collect(self, states: list[DenoiseState], request: Request) -> list[ChoiceResult]:
+    async def choice_events(
+        self, states: list[DenoiseState], best: BestOf | None
+    ) -> AsyncIterator[tuple[int, Event, int | None]]:
+        """Events per choice, and the best_of candidate a draft comes from: the rows' own events, or best_of's
+        grouping of them."""
+        if best is not None:
+            async for item in best.events(self.merged_events(states)):
+                yield item
+            return
+        async for index, event in self.merged_events(states):
+            yield index, event, None
+
+    async def collect(
+        self, states: list[DenoiseState], request: Request, best: BestOf | None = None
+    ) -> list[ChoiceResult]:
         """Run to completion; a client that disconnects cancels its requests."""
-        results = [ChoiceResult() for _ in states]
+        results = [ChoiceResult() for _ in range(best.choices if best is not None else len(states))]
 
         async def consume() -> None:
-            async for index, event in self.merged_events(states):
+            async for index, event, _ in self.choice_events(states, best):
                 if isinstance(event, CommitEvent):
                     results[index].text.append(event.text)
                     results[index].logprobs.extend(event.logprobs or [])
@@ -480,10 +529,14 @@ class Serving:
         ).model_dump(exclude_none=True)
 
     @staticmethod
-    def stats(finish: FinishEvent) -> dict:
+    def stats(finish: FinishEvent, best: BestOf | None = None, choice: int = 0) -> dict:
+        """A finished choice's `diffusion` object (with best_of: the candidates it was picked from)."""
         return DiffusionStats(
-            canvases=finish.canvases, passes=finish.passes, tokens_per_forward=round(finish.tokens_per_forward, 4)
-        ).model_dump()
+            canvases=finish.canvases,
+            passes=finish.passes,
+            tokens_per_forward=round(finish.tokens_per_forward, 4),
+            best_of=best.details[choice] if best is not None else None,
+        ).model_dump(exclude_none=True)
 
     # ------------------------------------------------------------- responses
 
@@ -507,14 +560,15 @@ class Serving:
     ) -> dict | EventSourceResponse:
         """`prompt_tokens` bills each distinct prompt once, as OpenAI does for n > 1. `prompt_text` is a chat
         prompt, which the answer parser reads as the start of the assistant's turn."""
+        best = self.best_of(req, states)
         if req.stream:
             return EventSourceResponse(
-                self.stream(req, states, prompt_tokens, chat, request, prompt_text),
+                self.stream(req, states, prompt_tokens, chat, request, prompt_text, best),
                 sep="\n",
                 ping=15,
                 headers={"X-Accel-Buffering": "no"},
             )
-        results = await self.collect(states, request)
+        results = await self.collect(states, request, best)
         self.log_details(request, req, prompt_tokens, [r.finish for r in results])
         created = int(time.time())
         want_logprobs = self.logprobs_wanted(req) is not None
@@ -536,7 +590,7 @@ class Serving:
                         "message": self.chat_message(parsed),
                         "finish_reason": reason,
                         "logprobs": logprobs,
-                        "diffusion": self.stats(r.finish),
+                        "diffusion": self.stats(r.finish, best, i),
                     }
                 )
             else:
@@ -546,7 +600,7 @@ class Serving:
                         "text": text,
                         "finish_reason": reason,
                         "logprobs": logprobs,
-                        "diffusion": self.stats(r.finish),
+                        "diffusion": self.stats(r.finish, best, i),
                     }
                 )
         return {
@@ -566,8 +620,11 @@ class Serving:
         chat: bool,
         request: Request,
         prompt_text: str = "",
+        best: BestOf | None = None,
     ) -> AsyncIterator[dict]:
-        """SSE events: role first, a draft per pass, content per commit, one finish per choice, usage, [DONE]."""
+        """SSE events: role first, a draft per pass, content per commit, one finish per choice, usage, [DONE].
+        With best_of, a choice's content comes whole when its prompt's candidates are done."""
+        choices = best.choices if best is not None else len(states)
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -593,7 +650,7 @@ class Serving:
             return {"index": index, "text": content or "", "finish_reason": finish, **extra}
 
         if chat:
-            for i in range(len(states)):
+            for i in range(choices):
                 yield chunk(
                     [
                         {
@@ -604,14 +661,14 @@ class Serving:
                         }
                     ]
                 )
-        finishes: list[FinishEvent | None] = [None] * len(states)
+        finishes: list[FinishEvent | None] = [None] * choices
         try:
             parsers = (
-                [self.chat_format.stream(prompt_text, self.chat_format.declared_tools(req)) for _ in states]
+                [self.chat_format.stream(prompt_text, self.chat_format.declared_tools(req)) for _ in range(choices)]
                 if chat
                 else None
             )
-            async for item in self._stream_events(req, states, parsers, finishes, chunk, choice):
+            async for item in self._stream_events(req, states, best, parsers, finishes, chunk, choice):
                 yield item
         except RequestCut as cut:
             yield {"data": dump(cut.error.body())}
@@ -632,15 +689,16 @@ class Serving:
             yield chunk([], self.usage(prompt_tokens, finishes), final_usage=True)
         yield {"data": "[DONE]"}
 
-    async def _stream_events(self, req, states, parsers, finishes, chunk, choice) -> AsyncIterator[dict]:
+    async def _stream_events(self, req, states, best, parsers, finishes, chunk, choice) -> AsyncIterator[dict]:
         """`parsers`: one chat answer parser per choice (None for completions), turning text into deltas."""
         chat = parsers is not None
         draft_tokens = bool(req.stream_options and req.stream_options.include_draft_tokens)
-        offsets = [0] * len(states)  # completions' text_offset runs on across a choice's chunks
-        async for index, event in self.merged_events(states):
+        offsets = [0] * len(finishes)  # completions' text_offset runs on across a choice's chunks
+        async for index, event, candidate in self.choice_events(states, best):
             if isinstance(event, PassEvent):
                 if event.draft_text is not None:
-                    yield chunk([choice(index, None, draft=self.draft(event, tokens=draft_tokens))])
+                    draft = self.draft(event, tokens=draft_tokens, candidate=candidate)
+                    yield chunk([choice(index, None, draft=draft)])
             elif isinstance(event, CommitEvent):
                 deltas: list = parsers[index].feed(event.text) if chat else [event.text] if event.text else []
                 if event.logprobs:  # with the content of the canvas they belong to (even if its text is held)
@@ -664,6 +722,6 @@ class Serving:
                         yield chunk([choice(index, delta)])
                     if parsers[index].tool_calls and reason == "stop":
                         reason = "tool_calls"
-                    yield chunk([choice(index, None, reason, diffusion=self.stats(event))])
+                    yield chunk([choice(index, None, reason, diffusion=self.stats(event, best, index))])
                 else:
-                    yield chunk([choice(index, event.text or None, reason, diffusion=self.stats(event))])
+                    yield chunk([choice(index, event.text or None, reason, diffusion=self.stats(event, best, index))])

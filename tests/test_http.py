@@ -230,8 +230,9 @@ def test_reasoning_effort_changes_the_budget(client):
     kw = dict(model="tiny-random", messages=[{"role": "user", "content": "think"}], max_tokens=32, seed=1)
     low = client.chat.completions.create(reasoning_effort="low", **kw).choices[0].model_extra["diffusion"]
     high = client.chat.completions.create(reasoning_effort="high", **kw).choices[0].model_extra["diffusion"]
-    # The random model never gets confident, so each canvas uses the preset's whole pass budget.
-    assert low["passes"] == 24 and high["passes"] == 96
+    # The random model never gets confident, so each canvas uses the preset's whole pass budget (high spends its
+    # budget on candidates: tests/test_best_of.py).
+    assert low["passes"] == 24 and high["passes"] == 48
 
 
 def test_health_is_fast_during_long_generation(server):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from engine.sampling_params import REASONING_EFFORT_BEST_OF
 from models.sudoku import puzzles
 
 HELDOUT = Path(__file__).with_name("heldout.txt")
@@ -86,8 +87,9 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32, quanti
     from engine.config import EngineConfig
     from engine.constraints import CanvasConstraints
     from engine.engine import LLMEngine
-    from engine.events import FinishEvent
+    from engine.events import CommitEvent, FinishEvent
     from engine.sampling_params import REASONING_EFFORT_PRESETS
+    from server.best_of import answer_score, rank
 
     engine = LLMEngine(EngineConfig(model=path, max_num_seqs=batch, quantization=quantization))
     tok = engine.tokenizer
@@ -95,6 +97,7 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32, quanti
     eos = engine.defaults.eos_token_ids[0]
     fillers = {eos, engine.loaded.model.config.get_text_config().pad_token_id}
     constraints = None
+    candidates = 1  # rows per puzzle; more: the most confident answer, as the server's best_of picks it
     if effort == "greedy":
         params = params.with_changes(t_min=0.0, t_max=0.0)  # what `temperature: 0` asks for over the API
     elif effort == "fixed":
@@ -110,21 +113,41 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32, quanti
             return CanvasConstraints.prediction(list(tok(text, add_special_tokens=False)["input_ids"]), eos)
     elif effort:
         params = params.with_changes(**REASONING_EFFORT_PRESETS[effort])
+        candidates = REASONING_EFFORT_BEST_OF[effort]
+        if candidates > 1:
+            params = params.with_changes(logprobs=0)
 
     def prompt(p: str) -> list[int]:
         text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
     def run(subset) -> list:
+        """(state, finish) per puzzle: with several candidates, the one whose answer scores best. Candidate i
+        has seed params.seed + i (as the server seeds a best_of request's rows)."""
         finishes: dict[str, FinishEvent] = {}
+        logprobs: dict[str, list[float]] = {}
         states = []
         for p, solution in subset:
-            s = engine.make_request(prompt(p), params, constraints=constraints(p, solution) if constraints else None)
-            states.append(s)
-            engine.add_request(s)
+            for i in range(candidates):
+                s = engine.make_request(prompt(p), params.with_changes(seed=params.seed + i),
+                                        constraints=constraints(p, solution) if constraints else None)  # fmt: skip
+                states.append(s)
+                engine.add_request(s)
+
+        def on_event(st, ev) -> None:
+            if isinstance(ev, FinishEvent):
+                finishes[st.request_id] = ev
+            elif isinstance(ev, CommitEvent):
+                logprobs.setdefault(st.request_id, []).extend(t.logprob for t in ev.logprobs or [])
+
         while engine.has_unfinished():
-            engine.step(lambda st, ev: finishes.__setitem__(st.request_id, ev) if isinstance(ev, FinishEvent) else None)
-        return [(s, finishes[s.request_id]) for s in states]
+            engine.step(on_event)
+        out = []
+        for k in range(0, len(states), candidates):
+            group = states[k : k + candidates]
+            best = group[rank([answer_score(logprobs.get(s.request_id, [])) for s in group])[0]]
+            out.append((best, finishes[best.request_id]))
+        return out
 
     results = run(items)
     t0 = time.perf_counter()
@@ -220,6 +243,8 @@ def main() -> None:
         )
         if effort and effort.startswith("predict"):
             label = f"prediction with {effort.removeprefix('predict')} cells wrong"
+        if REASONING_EFFORT_BEST_OF.get(effort or "", 1) > 1:
+            label += f": the most confident of {REASONING_EFFORT_BEST_OF[effort]} answers"
         full = effort in (None, "greedy", "fixed") or effort.startswith("predict")
         subset = items if full else limit_per_bucket(items, args.effort_limit)
         rows[f"diffusion ({label}), {len(subset)} puzzles"] = eval_diffusion(

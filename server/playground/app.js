@@ -205,6 +205,8 @@ function showStats(finish, usage) {
     if (finish.diffusion) {
       rows.push(["canvases", finish.diffusion.canvases], ["passes", finish.diffusion.passes],
         ["tokens per forward", finish.diffusion.tokens_per_forward]);
+      const best = finish.diffusion.best_of;
+      if (best) rows.push(["answer", `candidate ${best.chosen + 1} of ${best.candidates.length}, the most confident`]);
     }
   }
   if (usage) rows.push(["prompt tokens", usage.prompt_tokens], ["completion tokens", usage.completion_tokens]);
@@ -371,7 +373,8 @@ async function run(ev) {
           if (obj.usage) usage = obj.usage;
           for (const choice of obj.choices || []) {
             if (choice.index !== 0) continue;
-            if (choice.draft) drawDraft(choice.draft);
+            // best_of (reasoning effort high) streams every candidate's drafts: the canvas follows the first.
+            if (choice.draft && !choice.draft.candidate) drawDraft(choice.draft);
             const text = chat ? choice.delta && choice.delta.content : choice.text;
             if (text) { play.text += text; $("answer").textContent = play.text; }
             if (choice.finish_reason) {
