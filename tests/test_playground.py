@@ -77,6 +77,22 @@ def test_chat_run_draws_every_pass_and_matches_the_api(server, page, tmp_path):
     page.screenshot(path=str(tmp_path / "playground-chat.png"), full_page=True)
 
 
+def test_high_effort_follows_one_candidate_and_names_the_chosen_one(server, page):
+    url = f"{server.base_url}/?mode=chat&seed=3&steps=4&max_tokens=16&effort=high&prompt=Hi"
+    play = run_page(page, url)
+    assert play["error"] is None, play["error"]
+    api = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x").chat.completions.create(
+        model="tiny-random", messages=[{"role": "user", "content": "Hi"}], seed=3, max_tokens=16,
+        reasoning_effort="high", extra_body={"denoising_steps": 4},
+    )  # fmt: skip
+    best = api.choices[0].model_extra["diffusion"]["best_of"]
+    assert play["text"] == api.choices[0].message.content
+    # The canvas draws the first candidate's passes only (the stream carries all 16 candidates' drafts).
+    assert play["frames"] == best["candidates"][0]["passes"]
+    assert f"candidate {best['chosen'] + 1} of 16" in page.inner_text("#stats")
+    assert page.console_errors == []
+
+
 def test_completion_mode_and_a_shared_link_round_trip(server, page):
     play = run_page(page, f"{server.base_url}/?mode=completion&seed=3&steps=3&max_tokens=16&prompt=Once")
     api = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x").completions.create(
