@@ -247,6 +247,12 @@ def main() -> None:
     ap.add_argument("--help-batch", type=int, default=8, help="examples in a help-message batch")
     ap.add_argument("--save-every", type=float, default=5, help="minutes between checkpoints")
     ap.add_argument("--init", default=None, help="continue from this checkpoint instead of random weights")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model's forward (one graph per batch shape, with and without self-conditioning): "
+        "about 1.3x more steps per minute on one core of this CPU, after a few minutes of compiling",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -257,6 +263,8 @@ def main() -> None:
     else:
         model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**model_config(args.layers, args.hidden)))
     model.train()
+    if args.compile:
+        model.forward = torch.compile(model.forward, dynamic=False)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     budget = args.minutes * 60
