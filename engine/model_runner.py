@@ -13,6 +13,7 @@ gathered prefix; each row's new keys and values then go into its own cache.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,12 +21,14 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaDecoderModel
 
-from engine import batch_invariance
+from engine import batch_invariance, dense_experts
 from engine.batch_invariance import RowPrefix
 from engine.compiled import LENGTH_MULTIPLE, CompiledPasses
 from engine.loader import LoadedModel
 from engine.prefix_cache import PrefixCache, RecordingCache
 from engine.request import DenoiseState
+
+log = logging.getLogger("press.engine")
 
 # transformers renamed the cache keyword from `past_key_values` (5.17) to `cache` (later 5.x); both are supported.
 CACHE_KW = (
@@ -86,6 +89,8 @@ class ModelRunner:
     def compile(self, max_rows: int) -> CompiledPasses:
         """Switch decoder passes to compiled graphs (engine/compiled.py), compiling every batch bucket now."""
         vocab = self.model.config.get_text_config().vocab_size
+        if self.loaded.quantization == "none" and dense_experts.install(self.model):
+            log.info("compiled passes run the MoE experts densely (few experts per routed one)")
         self.compiled = CompiledPasses(
             self._static_forward, self.device, self.sc_dtype, self.canvas_length, vocab, max_rows,
             fullgraph=self.loaded.quantization == "none",  # quantized experts run eagerly between graphs

@@ -3,6 +3,8 @@ answers against the eager engine's, and a `--compile` server."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -146,6 +148,28 @@ def test_rows_needing_their_own_processing_share_a_compiled_pass(compiled, tiny_
     eos = set(base.eos_token_ids)
     text = compiled.tokenizer.decode([t for t in results[1]["answer_ids"] if t not in eos])
     assert text in ("yes", "no")
+
+
+def test_dense_experts_are_the_routed_experts(compiled, eager):
+    """The compiled engine's MoE layers run densely (engine/dense_experts.py: the tiny model has 4 experts,
+    top 2); dense, every expert layer gives its routed output (tokens weighted by the experts they picked) within
+    fp32 rounding. The 26B model (128 experts, top 8) keeps grouped_mm."""
+    from transformers import AutoConfig
+
+    from engine import dense_experts
+
+    modules = [m for m in compiled.runner.model.modules() if getattr(m, "_press_dense", False)]
+    assert modules and not any(getattr(m, "_press_dense", False) for m in eager.runner.model.modules())
+    g = torch.Generator().manual_seed(0)
+    for module in modules:
+        hidden = torch.randn(24, module.hidden_dim, generator=g)
+        weights, index = torch.rand(24, module.num_experts, generator=g).softmax(-1).topk(2, dim=-1)
+        with torch.inference_mode():
+            routed = module(hidden, index, weights)  # outside a graph: transformers' own experts
+            dense = dense_experts.dense_forward(module, hidden, index, weights)
+        assert routed.abs().max() > 0 and (dense - routed).abs().max().item() < 1e-5
+    full = AutoConfig.from_pretrained(Path(__file__).parents[1] / "configs" / "models" / "diffusiongemma-26b-a4b-it")
+    assert not dense_experts.worthwhile(full.get_text_config())
 
 
 def test_compile_and_batch_invariance_are_exclusive(tiny_path):
