@@ -6,7 +6,8 @@
 #           against Press eager with stock kernels and with the batch-invariant expert loop, batch 1 and 8
 #   compiled  the same for compiled passes (startup compile of batch buckets 1-8 timed; issue 13's GPU targets)
 #   quant   bench/quantization.py --size full: bf16 / int8 / int4 / fp8, peak memory and pass time (issue 14)
-# Each stage has its own time limit (STAGE_S seconds each, env) so one that hangs leaves time for the rest; what
+# Each stage has its own time limit (TESTS_S, ENGINE_S, COMPILED_S, QUANT_S seconds, or STAGE_S for all; env) so
+# one that hangs leaves time for the rest; what
 # every stage printed lands in $OUT (ENGINE_SIZE=tiny QUANT_SIZE=mid WHEELS=none: a CPU smoke run). Wheels: `make device-wheels` here first, then carry `.whl`.
 #
 #   run(command="bash bench/device_check.sh tests engine", carry=[".whl"], timeout_s=590)    # first call
@@ -48,22 +49,38 @@ stage() {  # name, limit, command...
 for s in "${stages[@]}"; do
     case $s in
         tests)
-            # The engine (equivalence with generate(), batching, denoise), compiled passes with CUDA graphs, the
-            # prefix cache, quantized loads, images, and the HTTP API through a real server and the openai SDK.
-            per_test=(); python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
-            stage tests "${STAGE_S:-240}" python3 -m pytest -q -p no:cacheprovider "${per_test[@]}" \
-                --junitxml "$OUT/tests.xml" -o addopts="" \
-                tests/test_equivalence.py tests/test_batching.py tests/test_denoise.py tests/test_prefix_cache.py \
-                tests/test_compiled.py tests/test_quantization.py tests/test_images.py tests/test_http.py \
-                tests/test_errors.py tests/test_structured_outputs.py tests/test_logprobs.py ;;
+            # Every file in its own pytest process, all at once (one GPU, 16 cores), each under its own time limit
+            # and each test under pytest-timeout's where installed, so a file that hangs loses only its own report.
+            # Engines and servers run eager (the tests' engines say compile=False; PRESS_COMPILE=false for their
+            # servers): compiled passes are test_compiled.py's, and compiling every fixture's buckets takes minutes.
+            python3 -c "from engine.tiny_random import ensure_tiny_random as e; e('$PRESS_TEST_CACHE_DIR')"
+            per_test=""; python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 100"
+            logs=/tmp/press-device-tests; rm -rf "$logs"; mkdir -p "$logs"
+            t0=$SECONDS
+            echo "== tests (limit ${TESTS_S:-${STAGE_S:-240}}s per file)"
+            files=${TEST_FILES:-"tests/test_compiled.py tests/test_quantization.py tests/test_equivalence.py
+                tests/test_http.py tests/test_batching.py tests/test_denoise.py tests/test_prefix_cache.py
+                tests/test_images.py tests/test_errors.py tests/test_structured_outputs.py tests/test_logprobs.py"}
+            for f in $files; do
+                n=$(basename "$f" .py)
+                ( OMP_NUM_THREADS=2 PRESS_COMPILE=false TMPDIR=$logs timeout -k 10 "${TESTS_S:-${STAGE_S:-240}}" \
+                    python3 -m pytest -v -p no:cacheprovider -o addopts="" --tb=short -rfE $per_test "$f" \
+                    > "$logs/$n.out" 2>&1; echo "{\"stage\": \"tests/$n\", \"exit\": $?}" >> "$OUT/stages.jsonl" ) &
+            done
+            wait
+            echo "== tests: done after $((SECONDS - t0)) s"
+            for l in "$logs"/*.out; do echo "===== $(basename "$l" .out)"; cat "$l"; done > "$OUT/tests.log"
+            (cd "$logs" && tar czf "$OUT/server-logs.tgz" press-test-*.log 2>/dev/null)
+            grep -h -E "^(FAILED|ERROR)|(passed|failed|error).* in [0-9.]+s" "$logs"/*.out | cut -c1-200 ;;
         engine)  # eager: stock kernels (grouped_mm) against the batch-invariant expert loop
-            stage engine "${STAGE_S:-200}" python3 bench/engine.py --size "${ENGINE_SIZE:-full}" --batches 1,8 \
-                --repeats 2 --kernels stock,batch-invariant --out "$OUT/engine" ;;
+            stage engine "${ENGINE_S:-${STAGE_S:-240}}" python3 bench/engine.py --size "${ENGINE_SIZE:-full}" \
+                --batches 1,8 --steps 32 --repeats 2 --invariance 2 --kernels stock,batch-invariant --out "$OUT/engine" ;;
         compiled)  # compiled passes with CUDA graphs: buckets 1-8 compile at startup (timed)
-            stage compiled "${STAGE_S:-420}" python3 bench/engine.py --size "${ENGINE_SIZE:-full}" --batches 1,8 \
-                --repeats 2 --kernels compiled --out "$OUT/compiled" ;;
+            stage compiled "${COMPILED_S:-${STAGE_S:-420}}" python3 bench/engine.py --size "${ENGINE_SIZE:-full}" \
+                --batches "${COMPILED_BATCHES:-1,8}" --steps 32 --repeats 2 --invariance 0 --kernels compiled \
+                --out "$OUT/compiled" ;;
         quant)
-            stage quant "${STAGE_S:-540}" python3 bench/quantization.py --size "${QUANT_SIZE:-full}" --out "$OUT" ;;
+            stage quant "${QUANT_S:-${STAGE_S:-540}}" python3 bench/quantization.py --size "${QUANT_SIZE:-full}" --out "$OUT" ;;
         *)
             echo "unknown stage $s"; exit 2 ;;
     esac

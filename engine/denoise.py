@@ -155,5 +155,22 @@ def token_logprobs(
         chosen[start:stop] = log_probs.gather(-1, token_ids[start:stop, None])[:, 0]
         if top:
             values, ids = log_probs.topk(top, dim=-1)
+            _chosen_first_among_equals(ids, values, token_ids[start:stop], chosen[start:stop])
             top_ids[start:stop], top_lp[start:stop] = ids, values
     return chosen, top_ids, top_lp
+
+
+def _chosen_first_among_equals(ids: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor, chosen: torch.Tensor):
+    """topk orders equal log-probabilities in no particular order (not argmax's lowest-id-first), and ties are
+    common in bf16 logits: where the chosen token is as probable as a listed one, it goes first among its equals
+    (and into the list if a tie cut it off), so a committed argmax is always the first alternative. In place."""
+    top = ids.shape[1]
+    slot = (values > chosen[:, None]).sum(-1)  # where the chosen token belongs: after every strictly better one
+    listed = slot < top
+    wrong = listed & (ids.gather(1, slot.clamp_max(top - 1)[:, None])[:, 0] != tokens)
+    for r in wrong.nonzero()[:, 0].tolist():
+        t, c, j = int(tokens[r]), float(chosen[r]), int(slot[r])
+        rest = [(i, v) for i, v in zip(ids[r].tolist(), values[r].tolist(), strict=True) if i != t]
+        rest.insert(j, (t, c))
+        ids[r] = torch.tensor([i for i, _ in rest[:top]], dtype=ids.dtype)
+        values[r] = torch.tensor([v for _, v in rest[:top]], dtype=values.dtype)

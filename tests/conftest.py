@@ -29,7 +29,7 @@ def engine(tiny_path: Path):
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
 
-    return LLMEngine(EngineConfig(model=str(tiny_path)))
+    return LLMEngine(EngineConfig(compile=False, model=str(tiny_path)))
 
 
 def _free_port() -> int:

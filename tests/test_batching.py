@@ -20,7 +20,7 @@ from tests.helpers import run_to_end
 
 @pytest.fixture(scope="module")
 def batch_engine(tiny_path):
-    return LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=8, prefill_chunk=128))
+    return LLMEngine(EngineConfig(compile=False, model=str(tiny_path), max_num_seqs=8, prefill_chunk=128))
 
 
 def varied_requests(n: int, seed: int = 0) -> list[tuple[list[int], SamplingParams]]:
@@ -106,11 +106,20 @@ def test_canvases_finishing_together_are_committed_in_one_encoder_pass(batch_eng
     assert [r["answer_ids"] for r in results] == [run_to_end(batch_engine, [req])[0]["answer_ids"] for req in requests]
 
 
+def stock_tolerance(engine: LLMEngine) -> dict:
+    """How close stock kernels keep a row batched to the row alone: 1e-4 in fp32; in bf16 (CUDA's default) the
+    GEMMs' blocking moves values by a few of its units (up to 0.06 seen on CPU), below what a leaked row gives."""
+    tol = 1e-4 if engine.loaded.dtype == torch.float32 else 0.1
+    return {"rtol": tol, "atol": tol}
+
+
 @pytest.mark.parametrize("batch_invariant", [False, True], ids=["stock-kernels", "batch-invariant-kernels"])
 def test_batched_commit_writes_each_rows_cache_as_alone(tiny_path, batch_invariant):
     """Rows with different cache lengths (some past the sliding window) commit in one encoder pass; each
     row's cache afterwards equals committing that row alone (bitwise under batch invariance)."""
-    engine = LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=4, batch_invariant=batch_invariant))
+    engine = LLMEngine(
+        EngineConfig(compile=False, model=str(tiny_path), max_num_seqs=4, batch_invariant=batch_invariant)
+    )
     params = SamplingParams(max_tokens=64, denoising_steps=4, seed=3, include_drafts=False)
     for n in (3, 40, 130, 9):
         engine.add_request(engine.make_request(list(range(10, 10 + n)), params))
@@ -132,14 +141,16 @@ def test_batched_commit_writes_each_rows_cache_as_alone(tiny_path, batch_invaria
                 if batch_invariant:
                     assert torch.equal(a, b)
                 else:
-                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(a, b, **stock_tolerance(engine))
 
 
 @pytest.mark.parametrize("batch_invariant", [False, True], ids=["stock-kernels", "batch-invariant-kernels"])
 def test_batched_pass_hides_each_rows_padding(tiny_path, batch_invariant):
     """Rows with different prompt lengths in one pass see exactly their own prefix: their logits match the
     row alone (bitwise under batch invariance, to float tolerance with stock kernels and a padding mask)."""
-    engine = LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=4, batch_invariant=batch_invariant))
+    engine = LLMEngine(
+        EngineConfig(compile=False, model=str(tiny_path), max_num_seqs=4, batch_invariant=batch_invariant)
+    )
     params = SamplingParams(max_tokens=32, denoising_steps=4, seed=3, include_drafts=False)
     for n in (3, 40, 130, 9):
         engine.add_request(engine.make_request(list(range(10, 10 + n)), params))
@@ -152,11 +163,11 @@ def test_batched_pass_hides_each_rows_padding(tiny_path, batch_invariant):
         if batch_invariant:
             assert torch.equal(together[i], alone)
         else:
-            torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(together[i], alone, **stock_tolerance(engine))
 
 
 def test_slots_bound_the_batch_and_the_rest_wait(tiny_path):
-    engine = LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=2))
+    engine = LLMEngine(EngineConfig(compile=False, model=str(tiny_path), max_num_seqs=2))
     params = SamplingParams(max_tokens=32, denoising_steps=3, seed=1, include_drafts=False)
     states = [engine.make_request([10, 11], params) for _ in range(3)]
     for s in states:
@@ -171,7 +182,7 @@ def test_slots_bound_the_batch_and_the_rest_wait(tiny_path):
 
 
 def test_cancelled_request_leaves_within_one_pass(tiny_path):
-    engine = LLMEngine(EngineConfig(model=str(tiny_path)))
+    engine = LLMEngine(EngineConfig(compile=False, model=str(tiny_path)))
     params = SamplingParams(max_tokens=1024, denoising_steps=48, seed=1, include_drafts=False)
     a, b = engine.make_request([10, 11], params), engine.make_request([12], params)
     events: list = []
@@ -189,7 +200,7 @@ def test_cancelled_request_leaves_within_one_pass(tiny_path):
 
 
 def test_long_prompt_is_prefilled_in_chunks_without_stalling(tiny_path):
-    engine = LLMEngine(EngineConfig(model=str(tiny_path), prefill_chunk=256))
+    engine = LLMEngine(EngineConfig(compile=False, model=str(tiny_path), prefill_chunk=256))
     runner_prefills = []
     original = engine.runner.prefill
 

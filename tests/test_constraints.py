@@ -18,7 +18,7 @@ PAD = 0
 
 @pytest.fixture(scope="module")
 def batch_engine(tiny_path):
-    return LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=8, prefill_chunk=128))
+    return LLMEngine(EngineConfig(compile=False, model=str(tiny_path), max_num_seqs=8, prefill_chunk=128))
 
 
 def params(max_tokens: int, seed: int, **kw) -> SamplingParams:

@@ -138,3 +138,18 @@ def test_sampling_params_defaults_are_the_reference_defaults():
     assert (p.denoising_steps, p.entropy_bound, p.t_min, p.t_max) == (48, 0.1, 0.4, 0.8)
     assert (p.stability_threshold, p.confidence_threshold) == (1, 0.005)
     SamplingParams(t_min=0.0, t_max=0.0).validate()  # greedy is valid
+
+
+def test_a_chosen_token_leads_the_tokens_as_probable_as_it():
+    """logprobs' first alternative is the committed token when other tokens tie with it (ties are common in
+    bf16 logits), whichever order topk returns equal values in; a tie cut off by `top` keeps the chosen one."""
+    logits = torch.zeros(3, 100_000)
+    logits[:, 3] = logits[:, 70_000] = 1.0  # two most probable tokens, equally so (topk here lists 70000 first)
+    logits[2, 5] = 2.0
+    tokens = torch.tensor([3, 70_000, 3])
+    chosen, ids, values = denoise.token_logprobs(logits, tokens, 2)
+    assert ids.tolist() == [[3, 70_000], [70_000, 3], [5, 3]]
+    assert values[0, 0] == chosen[0] and values[1, 0] == chosen[1] and values[2, 1] == chosen[2]
+    assert all(v == sorted(v, reverse=True) for v in values.tolist())
+    _, ids, _ = denoise.token_logprobs(logits, torch.tensor([3, 3, 3]), 1)
+    assert ids[:, 0].tolist() == [3, 3, 5]

@@ -101,7 +101,7 @@ def loaded_models(checkpoints):
     def get(canvas: int, sharpen: float, batch_invariant: bool):
         key = (canvas, sharpen, batch_invariant)
         if key not in cache:
-            cache[key] = load_model(EngineConfig(model=str(checkpoints[canvas, sharpen])))
+            cache[key] = load_model(EngineConfig(compile=False, model=str(checkpoints[canvas, sharpen])))
         return cache[key]
 
     return get
@@ -110,7 +110,7 @@ def loaded_models(checkpoints):
 def reference(model, prompt: list[int], case: Case, eos: list[int]):
     torch.manual_seed(case.seed)
     out = model.generate(
-        torch.tensor([prompt]),
+        torch.tensor([prompt], device=model.device),
         max_new_tokens=case.max_tokens,
         max_denoising_steps=case.steps,
         sampler_config=EntropyBoundSamplerConfig(entropy_bound=float(case.entropy_bound)),
@@ -159,9 +159,12 @@ def test_engine_matches_transformers_generate(loaded_models, case: Case, batch_i
     kernels (engine default) the reference runs on the very same patched model, so the comparison proves
     the algorithm, not the floating-point schedule of the expert GEMMs."""
     loaded = loaded_models(case.canvas, case.sharpen, batch_invariant)
-    engine = LLMEngine(EngineConfig(model=loaded.path, batch_invariant=batch_invariant), loaded=loaded)
+    engine = LLMEngine(EngineConfig(compile=False, model=loaded.path, batch_invariant=batch_invariant), loaded=loaded)
     prompt, params, expected, eos_pos, ref_tpf = reference_case(loaded, case)
-    if case.eos_at is not None:
+    # The cases were tuned on fp32 models: in bf16 (CUDA's default) an EOS or an early stop may fall elsewhere,
+    # and the engine must still give transformers' tokens.
+    tuned = loaded.dtype == torch.float32
+    if case.eos_at is not None and tuned:
         assert eos_pos == case.eos_at  # the case really puts EOS inside the answer
 
     [result] = run_to_end(engine, [(prompt, params)])
@@ -174,5 +177,5 @@ def test_engine_matches_transformers_generate(loaded_models, case: Case, batch_i
         assert finish.finish_reason == "length"
     assert finish.completion_tokens == len(expected)
     assert len(result["commits"]) == finish.canvases
-    if case.early_stop:
+    if case.early_stop and tuned:
         assert min(c.passes for c in result["commits"]) < case.steps

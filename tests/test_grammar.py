@@ -19,7 +19,7 @@ PROMPT = [2, 4, 300, 301, 302, 5, 4]
 
 @pytest.fixture(scope="module")
 def grammar_engine(tiny_path):
-    return LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=8))
+    return LLMEngine(EngineConfig(compile=False, model=str(tiny_path), max_num_seqs=8))
 
 
 def params(seed: int, max_tokens: int = 128, steps: int = 4, **kw) -> SamplingParams:

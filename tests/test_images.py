@@ -48,6 +48,10 @@ try:  # transformers 5.17 imports torchvision with its Gemma 4 processor: no ima
 except ImportError:
     pytest.skip("this transformers cannot build a Gemma 4 processor without torchvision", allow_module_level=True)
 
+# Tests of exactness across chunking and caching run in fp32: in bf16 (CUDA's default) a chunk or a warm prefix
+# computes the same keys through GEMMs of other shapes, which moves them by a few bf16 units and can flip a token.
+EXACT = "float32"
+
 
 def picture(seed: int, size: tuple[int, int] = (40, 60)) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -110,7 +114,8 @@ def test_chunked_prefill_writes_the_cache_transformers_writes(sharp_path, vision
     transformers' encoder over the whole prompt with pixel_values: image features in place, no image cut."""
     ids, images = prompt_with(vision, [picture(1), picture(2, (64, 24))])
     assert all(hi - lo > 16 for lo, hi in images.spans)
-    engine = LLMEngine(EngineConfig(model=str(sharp_path), prefill_chunk=16, prefix_cache_tokens=0))
+    engine = LLMEngine(EngineConfig(compile=False, dtype=EXACT, model=str(sharp_path), prefill_chunk=16,
+                                    prefix_cache_tokens=0))  # fmt: skip
     state = engine.make_request(ids, params(0), images=images.copy())
     engine.add_request(state)
     while state.status is not RequestStatus.DENOISING:
@@ -118,18 +123,19 @@ def test_chunked_prefill_writes_the_cache_transformers_writes(sharp_path, vision
 
     # The whole prompt in one encoder pass, its masks prepared as generate() prepares them (the encoder's forward
     # alone drops the bidirectional image mask it builds).
-    encoder = engine.loaded.model.model.encoder
+    encoder, dev = engine.loaded.model.model.encoder, engine.loaded.device
     cache = DynamicCache(config=engine.loaded.model.config.get_text_config(decoder=True))
-    types = torch.tensor([images.token_types(0, len(ids))])
-    positions = torch.arange(len(ids), dtype=torch.int32)[None]
+    types = torch.tensor([images.token_types(0, len(ids))], device=dev)
+    positions = torch.arange(len(ids), dtype=torch.int32, device=dev)[None]
     with torch.inference_mode():
         masks = encoder.create_masks_for_generate(
-            config=engine.loaded.model.config, inputs_embeds=torch.empty((1, len(ids), 0)),
-            attention_mask=torch.ones((1, len(ids)), dtype=torch.bool), position_ids=positions,
+            config=engine.loaded.model.config, inputs_embeds=torch.empty((1, len(ids), 0), device=dev),
+            attention_mask=torch.ones((1, len(ids)), dtype=torch.bool, device=dev), position_ids=positions,
             mm_token_type_ids=types, **{CACHE_KW: cache},
         )  # fmt: skip
-        encoder(input_ids=torch.tensor([ids]), pixel_values=images.pixel_values, image_position_ids=images.position_ids,
-                attention_mask=masks, position_ids=positions, **{CACHE_KW: cache})  # fmt: skip
+        encoder(input_ids=torch.tensor([ids], device=dev), pixel_values=images.pixel_values.to(dev),
+                image_position_ids=images.position_ids.to(dev), attention_mask=masks, position_ids=positions,
+                **{CACHE_KW: cache})  # fmt: skip
     assert len(cache.layers) == len(state.cache.layers)
     for ours, theirs in zip(state.cache.layers, cache.layers, strict=True):
         assert ours.keys.shape == theirs.keys.shape
@@ -139,8 +145,8 @@ def test_chunked_prefill_writes_the_cache_transformers_writes(sharp_path, vision
 
 def test_answers_equal_transformers_generate_with_the_same_images(sharp_path, vision):
     ids, images = prompt_with(vision, [picture(3), picture(4, (30, 30))])
-    loaded = load_model(EngineConfig(model=str(sharp_path)))
-    engine = LLMEngine(EngineConfig(model=str(sharp_path), prefill_chunk=16), loaded=loaded)
+    loaded = load_model(EngineConfig(compile=False, dtype=EXACT, model=str(sharp_path)))
+    engine = LLMEngine(EngineConfig(compile=False, model=str(sharp_path), prefill_chunk=16), loaded=loaded)
     [result] = run_to_end(engine, [(ids, params(7))])  # text only first: a baseline that must differ
     text_only = result["answer_ids"]
     state = engine.make_request(ids, params(7), images=images.copy())
@@ -151,9 +157,12 @@ def test_answers_equal_transformers_generate_with_the_same_images(sharp_path, vi
     torch.manual_seed(7)
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
+    dev = loaded.device
     out = loaded.model.generate(
-        torch.tensor([ids]), pixel_values=images.pixel_values, image_position_ids=images.position_ids,
-        mm_token_type_ids=torch.tensor([images.token_types(0, len(ids))]), max_new_tokens=32, max_denoising_steps=12,
+        torch.tensor([ids], device=dev), pixel_values=images.pixel_values.to(dev),
+        image_position_ids=images.position_ids.to(dev),
+        mm_token_type_ids=torch.tensor([images.token_types(0, len(ids))], device=dev), max_new_tokens=32,
+        max_denoising_steps=12,
         sampler_config=EntropyBoundSamplerConfig(entropy_bound=2.0), t_min=0.4, t_max=0.8, stability_threshold=1,
         confidence_threshold=0.005, eos_token_id=[1],
     )  # fmt: skip
@@ -171,7 +180,7 @@ def test_rows_with_and_without_images_answer_in_a_batch_as_alone(sharp_path, vis
     requests = [(a_ids, params(1), a_images), (text, params(2), None), (b_ids, params(3), b_images)]
 
     def run(batch):
-        engine = LLMEngine(EngineConfig(model=str(sharp_path), prefill_chunk=32, prefix_cache_tokens=0))
+        engine = LLMEngine(EngineConfig(compile=False, model=str(sharp_path), prefill_chunk=32, prefix_cache_tokens=0))
         states = [engine.make_request(ids, p, images=im.copy() if im is not None else None) for ids, p, im in batch]
         for state in states:
             engine.add_request(state)
@@ -192,14 +201,14 @@ def test_prefix_cache_never_lends_one_pictures_keys_to_another(sharp_path, visio
     assert x_ids == y_ids  # the token ids alone cannot tell the pictures apart
 
     def cold(ids, images):
-        engine = LLMEngine(EngineConfig(model=str(sharp_path), prefix_cache_tokens=0))
+        engine = LLMEngine(EngineConfig(compile=False, dtype=EXACT, model=str(sharp_path), prefix_cache_tokens=0))
         state = engine.make_request(ids, params(4), images=images.copy())
         engine.add_request(state)
         while engine.has_unfinished():
             engine.step(lambda s, e: None)
         return state.answer_ids
 
-    warm = LLMEngine(EngineConfig(model=str(sharp_path), prefix_cache_tokens=4096))
+    warm = LLMEngine(EngineConfig(compile=False, dtype=EXACT, model=str(sharp_path), prefix_cache_tokens=4096))
     answers, hits = [], []
     for ids, images in ((x_ids, x_images), (y_ids, y_images), (x_ids, x_images)):
         state = warm.make_request(ids, params(4), images=images.copy())
@@ -400,7 +409,8 @@ def image_host():
 @pytest.fixture(scope="module")
 def limited(tiny_path):
     """A server that may fetch from private addresses, with small limits."""
-    proc = ServerProcess(["--model", str(tiny_path), "--served-model-name", "tiny-random", "--image-fetch-private",
+    proc = ServerProcess(["--model", str(tiny_path), "--served-model-name", "tiny-random", "--dtype", EXACT,
+                          "--image-fetch-private",
                           "--max-image-bytes", "60000", "--max-images", "2", "--image-fetch-timeout", "2"])  # fmt: skip
     try:
         proc.wait_ready()

@@ -28,11 +28,15 @@ def prompt(n: int, seed: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def cold_engine(tiny_path):
-    return LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=4, prefill_chunk=128, prefix_cache_tokens=0))
+    return LLMEngine(
+        EngineConfig(compile=False, model=str(tiny_path), max_num_seqs=4, prefill_chunk=128, prefix_cache_tokens=0)
+    )
 
 
 def warm_engine(tiny_path, tokens: int = 4096) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=4, prefill_chunk=128, prefix_cache_tokens=tokens))
+    return LLMEngine(
+        EngineConfig(compile=False, model=str(tiny_path), max_num_seqs=4, prefill_chunk=128, prefix_cache_tokens=tokens)
+    )
 
 
 def counter(engine: LLMEngine, name: str) -> float:

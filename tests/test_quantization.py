@@ -51,7 +51,7 @@ def test_plan_is_the_size_of_the_checkpoints_tensors(which, tiny_path):
 
 
 def _sudoku_engine(quantization: str, **kw) -> LLMEngine:
-    return LLMEngine(EngineConfig(model="tiny-sudoku", quantization=quantization, max_num_seqs=16, **kw))
+    return LLMEngine(EngineConfig(compile=False, model="tiny-sudoku", quantization=quantization, max_num_seqs=16, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,9 @@ def test_serve_refuses_settings_that_cannot_fit(tiny_path):
 def test_requests_wait_for_memory_when_their_caches_do_not_fit(tiny_path):
     """A budget for one long request: two long ones run one after the other, two short ones together."""
     long_len = 1500  # its cache outweighs the self-conditioning logits every row holds
-    config = EngineConfig(model=str(tiny_path), max_num_seqs=4, prefix_cache_tokens=0, max_model_len=long_len)
+    config = EngineConfig(
+        compile=False, model=str(tiny_path), max_num_seqs=4, prefix_cache_tokens=0, max_model_len=long_len
+    )
     plan = build_plan(AutoConfig.from_pretrained(tiny_path), torch.float32, "none", "cpu")
     fixed = plan.fixed_bytes(10**9, config.max_num_seqs, 0) - plan.reserve(10**9)
     memory = fixed + plan.reserve(1) + plan.running_bytes([long_len]) + 1024
