@@ -6,6 +6,8 @@
 #           against Press eager with stock kernels and with the batch-invariant expert loop, batch 1 and 8
 #   compiled  the same for compiled passes (startup compile of batch buckets 1-8 timed; issue 13's GPU targets)
 #   quant   bench/quantization.py --size full: bf16 / int8 / int4 / fp8, peak memory and pass time (issue 14)
+#   sudoku  tiny-sudoku's training continued on the GPU (SUDOKU_MIN minutes, 12 processes dealing batches of
+#           SUDOKU_BATCH); the checkpoint comes back as sudoku-gpu.tar, to evaluate here (issue 15)
 # Each stage has its own time limit (TESTS_S, ENGINE_S, COMPILED_S, QUANT_S seconds, or STAGE_S for all; env) so
 # one that hangs leaves time for the rest; what
 # every stage printed lands in $OUT (ENGINE_SIZE=tiny QUANT_SIZE=mid WHEELS=none: a CPU smoke run). Wheels: `make device-wheels` here first, then carry `.whl`.
@@ -79,6 +81,12 @@ for s in "${stages[@]}"; do
             stage compiled "${COMPILED_S:-${STAGE_S:-420}}" python3 bench/engine.py --size "${ENGINE_SIZE:-full}" \
                 --batches "${COMPILED_BATCHES:-1,8}" --steps 32 --repeats 2 --invariance 0 --kernels compiled \
                 --out "$OUT/compiled" ;;
+        sudoku)  # issue 15: continue tiny-sudoku's training on the GPU from the shipped weights; evaluate it here
+            stage sudoku "${SUDOKU_S:-${STAGE_S:-420}}" python3 -m models.sudoku.train --device "${SUDOKU_DEVICE:-cuda}" \
+                --minutes "${SUDOKU_MIN:-6}" --init models/tiny-sudoku --out /tmp/sudoku-gpu --seed "${SUDOKU_SEED:-20}" \
+                --workers 12 --pool "${SUDOKU_POOL:-3000}" --batch "${SUDOKU_BATCH:-256}" --lr "${SUDOKU_LR:-3e-4}" \
+                --focal-gamma 0 --given-weight 1.0 --min-givens 22 --max-givens 40 --save-every 1
+            (cd /tmp/sudoku-gpu && tar cf "$OUT/sudoku-gpu.tar" .) ;;
         quant)
             stage quant "${QUANT_S:-${STAGE_S:-540}}" python3 bench/quantization.py --size "${QUANT_SIZE:-full}" --out "$OUT" ;;
         *)

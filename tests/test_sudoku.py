@@ -104,6 +104,33 @@ def test_training_script_writes_a_checkpoint_the_engine_serves(tmp_path):
     assert run_to_end(engine, [(ids, params)])[0]["answer_ids"] == result["answer_ids"]  # the seed reproduces it
 
 
+def test_training_batches_from_worker_processes_are_reproducible():
+    """The GPU path of train.py (`--workers`): the pool is the same whatever the number of processes making it,
+    and batches dealt by worker processes come back in the same order on every run with the same seed."""
+    from models.sudoku.train import BatchWorkers, Data
+
+    pools = []
+    for workers in (1, 2):
+        data = Data(3, 0, 22, 40)
+        data.grow_parallel(4, workers, seed=3)
+        pools.append(data.bases)
+    assert pools[0] == pools[1] and len(pools[0]) == 4
+    assert all(puzzles.count_solutions(p) == 1 and p.count(".") > 0 for p, _ in pools[0])
+    runs = []
+    for _ in range(2):
+        batches = BatchWorkers(data, 2, seed=5, size=3, given_weight=0.5)
+        runs.append([[t.tolist() for t in batches.next()] for _ in range(4)])
+        batches.close()
+    assert runs[0] == runs[1]
+    # Worker i deals from its own seed; the batches alternate between the two workers.
+    dealers = [random.Random(5 * 7919 + i) for i in range(2)]
+    expected = []
+    for k in range(4):
+        data.rng = dealers[k % 2]
+        expected.append([list(x) for x in data.puzzle_lists(3, 0.5)])
+    assert runs[0] == expected and expected[0] != expected[1]
+
+
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="tiny-sudoku not trained yet")
 def test_shipped_model_answers_in_the_grid_format_and_helps_on_non_puzzles():
     from engine.config import EngineConfig

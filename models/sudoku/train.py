@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import queue
 import random
 import time
 from pathlib import Path
@@ -113,6 +115,12 @@ class Data:
             solution = puzzles.random_grid(self.rng)
             self.bases.append((puzzles.make_puzzle(solution, 17, self.rng), solution))
 
+    def grow_parallel(self, count: int, workers: int, seed: int) -> None:
+        """Add `count` minimal unique puzzles made by `workers` processes, puzzle i from its own seed (the same
+        pool whatever the number of workers)."""
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            self.bases += pool.map(_minimal_puzzle, [seed * 1_000_003 + i for i in range(count)], chunksize=8)
+
     def puzzle(self, givens: int) -> tuple[str, str]:
         if not self.unique:
             grid = self.rng.choice(self.grids)
@@ -128,6 +136,10 @@ class Data:
     def puzzle_batch(self, size: int, given_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompts, target canvases and per-position loss weights: 1 on the puzzle's blanks, `given_weight` on
         the givens, line breaks and the EOS/padding tail (copying is easy; the blanks are the task)."""
+        prompts, targets, weights = self.puzzle_lists(size, given_weight)
+        return torch.tensor(prompts), torch.tensor(targets), torch.tensor(weights)
+
+    def puzzle_lists(self, size: int, given_weight: float) -> tuple[list, list, list]:
         prompts, targets, weights = [], [], []
         for _ in range(size):
             puzzle, solution = self.puzzle(self.rng.randint(self.min_givens, self.max_givens))
@@ -138,7 +150,7 @@ class Data:
                 if ch == ".":
                     w[(i // 9) * 10 + i % 9] = 1.0
             weights.append(w)
-        return torch.tensor(prompts), torch.tensor(targets), torch.tensor(weights)
+        return prompts, targets, weights
 
     def help_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (
@@ -146,6 +158,50 @@ class Data:
             torch.tensor([self.enc.canvas(HELP)] * size),
             torch.ones(size, CANVAS),
         )
+
+
+def _minimal_puzzle(seed: int) -> tuple[str, str]:
+    rng = random.Random(seed)
+    solution = puzzles.random_grid(rng)
+    return puzzles.make_puzzle(solution, 17, rng), solution
+
+
+class BatchWorkers:
+    """Puzzle batches built by `n` processes, each dealing from the same pool with its own seed, taken
+    round-robin (so a run is reproducible): a GPU step outruns one core building its batch. The pool does not
+    grow while they run."""
+
+    def __init__(self, data: Data, n: int, seed: int, size: int, given_weight: float) -> None:
+        ctx = multiprocessing.get_context("fork")  # before CUDA is initialised; the children use no torch
+        self.queues = [ctx.Queue(maxsize=4) for _ in range(n)]
+        self.procs = [
+            ctx.Process(target=_deal, args=(data, seed * 7919 + i, size, given_weight, q), daemon=True)
+            for i, q in enumerate(self.queues)
+        ]
+        for proc in self.procs:
+            proc.start()
+        self.turn = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        while True:  # a worker that died (an exception in it) stops the run instead of hanging it
+            try:
+                prompts, targets, weights = self.queues[self.turn].get(timeout=5)
+                break
+            except queue.Empty:
+                if not self.procs[self.turn].is_alive():
+                    raise RuntimeError(f"batch worker {self.turn} died") from None
+        self.turn = (self.turn + 1) % len(self.queues)
+        return torch.tensor(prompts), torch.tensor(targets), torch.tensor(weights)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+
+
+def _deal(data: Data, seed: int, size: int, given_weight: float, out) -> None:
+    data.rng = random.Random(seed)
+    while True:
+        out.put(data.puzzle_lists(size, given_weight))
 
 
 def learning_rate(base: float, step: int, progress: float, warmup: int = 200) -> float:
@@ -171,7 +227,9 @@ def train_step(model, prompt, x0, weight, gen, sc_prob: float, focal_gamma: floa
     """One denoising loss. Positions are weighted by `weight` and, with `focal_gamma` > 0, by (1 - p)^gamma of
     the correct token (hard cells count more: the token reweighting idea of Ye et al. 2024 in focal form);
     the weighted sum is divided by the plain weight sum so the loss scale stays comparable across settings."""
-    xt = corrupt(x0, gen)
+    xt = corrupt(x0, gen)  # on the CPU generator, so a run's noise does not depend on the device
+    device = model.device
+    prompt, x0, xt, weight = prompt.to(device), x0.to(device), xt.to(device), weight.to(device)
     sc = None
     if torch.rand((), generator=gen) < sc_prob:
         with torch.no_grad():
@@ -253,15 +311,33 @@ def main() -> None:
         help="torch.compile the model's forward (one graph per batch shape, with and without self-conditioning): "
         "about 1.3x more steps per minute on one core of this CPU, after a few minutes of compiling",
     )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (a lent GPU: see bench/device_check.sh sudoku)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes that make the pool and build the puzzle batches (0: this one, with the pool growing); "
+        "with workers the pool is made up front and does not grow",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    data = Data(args.seed, args.pool, args.min_givens, args.max_givens, args.unique)
+    batches = None
+    if args.workers:
+        data = Data(args.seed, 0, args.min_givens, args.max_givens, args.unique)
+        data.grow_parallel(args.pool, args.workers, args.seed)
+        batches = BatchWorkers(data, args.workers, args.seed, args.batch, args.given_weight)
+        print(f"pool of {len(data.bases)} puzzles made by {args.workers} processes", flush=True)
+    else:
+        data = Data(args.seed, args.pool, args.min_givens, args.max_givens, args.unique)
     if args.init:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init)
     else:
         model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**model_config(args.layers, args.hidden)))
+    if args.device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model.to(args.device)
     model.train()
     if args.compile:
         model.forward = torch.compile(model.forward, dynamic=False)
@@ -288,6 +364,8 @@ def main() -> None:
         help_step = args.help_every and step % args.help_every == args.help_every - 1
         if help_step:
             prompt, x0, weight = data.help_batch(args.help_batch)
+        elif batches:
+            prompt, x0, weight = batches.next()
         else:
             prompt, x0, weight = data.puzzle_batch(args.batch, args.given_weight)
         loss = train_step(model, prompt, x0, weight, gen, args.sc_prob, args.focal_gamma)
@@ -296,7 +374,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if args.unique and args.grow_every and step % args.grow_every == 0:
+        if args.unique and args.grow_every and not batches and step % args.grow_every == 0:
             data.grow(1)
         if not help_step:
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
@@ -312,6 +390,8 @@ def main() -> None:
             )
             model.train()
             last_save = time.monotonic()
+    if batches:
+        batches.close()
     model.eval()
     save(model, out, {**settings, "steps": step, "seconds": time.monotonic() - start, "loss": ema}, DEFAULT_GENERATION)
     print(f"done: {step} steps, loss {ema:.4f} -> {out}", flush=True)
