@@ -8,9 +8,8 @@
 #   quant   bench/quantization.py --size full: bf16 / int8 / int4 / fp8, peak memory and pass time (issue 14)
 #   sudoku  tiny-sudoku's training continued on the GPU (SUDOKU_MIN minutes, 12 processes dealing batches of
 #           SUDOKU_BATCH); the checkpoint comes back as sudoku-gpu.tar, to evaluate here (issue 15)
-# Each stage has its own time limit (TESTS_S, ENGINE_S, COMPILED_S, QUANT_S seconds, or STAGE_S for all; env) so
-# one that hangs leaves time for the rest; what
-# every stage printed lands in $OUT (ENGINE_SIZE=tiny QUANT_SIZE=mid WHEELS=none: a CPU smoke run). Wheels: `make device-wheels` here first, then carry `.whl`.
+# Each stage has its own time limit (TESTS_S, ENGINE_S, COMPILED_S, SUDOKU_S, QUANT_S seconds, or STAGE_S for all;
+# env) so one that hangs leaves time for the rest; what every stage printed lands in $OUT (ENGINE_SIZE=tiny QUANT_SIZE=mid WHEELS=none: a CPU smoke run). Wheels: `make device-wheels` here first, then carry `.whl`.
 #
 #   run(command="bash bench/device_check.sh tests engine", carry=[".whl"], timeout_s=590)    # first call
 #   run(command="bash bench/device_check.sh compiled", carry=[".whl"], timeout_s=590)        # then, or: quant
@@ -58,14 +57,14 @@ for s in "${stages[@]}"; do
             python3 -c "from engine.tiny_random import ensure_tiny_random as e; e('$PRESS_TEST_CACHE_DIR')"
             per_test=""; python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 100"
             logs=/tmp/press-device-tests; rm -rf "$logs"; mkdir -p "$logs"
-            t0=$SECONDS
-            echo "== tests (limit ${TESTS_S:-${STAGE_S:-240}}s per file)"
+            t0=$SECONDS limit=${TESTS_S:-${STAGE_S:-240}}
+            echo "== tests (limit ${limit}s per file)"
             files=${TEST_FILES:-"tests/test_compiled.py tests/test_quantization.py tests/test_equivalence.py
                 tests/test_http.py tests/test_batching.py tests/test_denoise.py tests/test_prefix_cache.py
                 tests/test_images.py tests/test_errors.py tests/test_structured_outputs.py tests/test_logprobs.py"}
             for f in $files; do
                 n=$(basename "$f" .py)
-                ( OMP_NUM_THREADS=2 PRESS_COMPILE=false TMPDIR=$logs timeout -k 10 "${TESTS_S:-${STAGE_S:-240}}" \
+                ( OMP_NUM_THREADS=2 PRESS_COMPILE=false TMPDIR=$logs timeout -k 10 "$limit" \
                     python3 -m pytest -v -p no:cacheprovider -o addopts="" --tb=short -rfE $per_test "$f" \
                     > "$logs/$n.out" 2>&1; echo "{\"stage\": \"tests/$n\", \"exit\": $?}" >> "$OUT/stages.jsonl" ) &
             done

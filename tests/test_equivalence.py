@@ -101,7 +101,7 @@ def loaded_models(checkpoints):
     def get(canvas: int, sharpen: float, batch_invariant: bool):
         key = (canvas, sharpen, batch_invariant)
         if key not in cache:
-            cache[key] = load_model(EngineConfig(compile=False, model=str(checkpoints[canvas, sharpen])))
+            cache[key] = load_model(EngineConfig(model=str(checkpoints[canvas, sharpen])))
         return cache[key]
 
     return get

@@ -145,7 +145,7 @@ def test_chunked_prefill_writes_the_cache_transformers_writes(sharp_path, vision
 
 def test_answers_equal_transformers_generate_with_the_same_images(sharp_path, vision):
     ids, images = prompt_with(vision, [picture(3), picture(4, (30, 30))])
-    loaded = load_model(EngineConfig(compile=False, dtype=EXACT, model=str(sharp_path)))
+    loaded = load_model(EngineConfig(dtype=EXACT, model=str(sharp_path)))
     engine = LLMEngine(EngineConfig(compile=False, model=str(sharp_path), prefill_chunk=16), loaded=loaded)
     [result] = run_to_end(engine, [(ids, params(7))])  # text only first: a baseline that must differ
     text_only = result["answer_ids"]
