@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=600)
     ap.add_argument("--grow-every", type=int, default=4)
     ap.add_argument("--no-unique", dest="unique", action="store_false")
-    ap.add_argument("--given-weight", type=float, default=0.25)
+    ap.add_argument("--given-weight", type=float, default=1.0)  # as its last run and the diffusion model's
     ap.add_argument("--min-givens", type=int, default=22)
     ap.add_argument("--max-givens", type=int, default=60)
     ap.add_argument("--init", default=None, help="continue from this checkpoint")
