@@ -9,7 +9,8 @@
 #   sudoku  tiny-sudoku's training continued on the GPU (SUDOKU_MIN minutes, 12 processes dealing batches of
 #           SUDOKU_BATCH); the checkpoint comes back as sudoku-gpu.tar, to evaluate here (issue 15)
 # Each stage has its own time limit (TESTS_S, ENGINE_S, COMPILED_S, SUDOKU_S, QUANT_S seconds, or STAGE_S for all;
-# env) so one that hangs leaves time for the rest; what every stage printed lands in $OUT (ENGINE_SIZE=tiny QUANT_SIZE=mid WHEELS=none: a CPU smoke run). Wheels: `make device-wheels` here first, then carry `.whl`.
+# env) so one that hangs leaves time for the rest; what every stage printed lands in $OUT (ENGINE_SIZE=tiny
+# QUANT_SIZE=mid WHEELS=none: a CPU smoke run). Wheels: `make device-wheels` here first, then carry `.whl`.
 #
 #   run(command="bash bench/device_check.sh tests engine", carry=[".whl"], timeout_s=590)    # first call
 #   run(command="bash bench/device_check.sh compiled", carry=[".whl"], timeout_s=590)        # then, or: quant
