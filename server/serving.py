@@ -327,10 +327,14 @@ class Serving:
                 f"This request needs {rows} engine requests (prompts x n x fill-in-the-middle candidates); the "
                 f"server queues at most {max_queue}.", param="n", code="too_many_choices",
             )  # fmt: skip
-        if self.engine.num_waiting + rows > max_queue:
+        # The engine holds at most max_num_seqs + max_queue requests, running and waiting together. A request just
+        # submitted counts as waiting until the engine thread admits it, so counting the queue alone would refuse a
+        # second request while the first is still on its way into a free slot.
+        capacity = self.engine.engine.config.max_num_seqs + max_queue
+        if self.engine.num_running + self.engine.num_waiting + rows > capacity:
             raise APIError(
                 503,
-                f"The server is overloaded: {max_queue} requests are already waiting. Retry shortly.",
+                f"The server is overloaded: its {capacity} places (max_num_seqs + max_queue) are taken. Retry shortly.",
                 type="server_error",
                 code="server_overloaded",
                 headers={"Retry-After": "1"},

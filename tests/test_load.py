@@ -91,6 +91,31 @@ def test_load_with_disconnects(server):
     assert after - before < 100, f"RSS grew {after - before:.0f} MB"
 
 
+def test_a_burst_that_fits_slots_and_queue_is_served_whole(tiny_path):
+    """max_num_seqs + max_queue requests sent at once all get 200: a request that has not yet reached its free slot
+    (still on its way to the engine thread) does not count against the queue. Ten bursts, because that arrival is a
+    race: counting the queue alone refused some request in about half of them."""
+    from tests.conftest import ServerProcess
+
+    proc = ServerProcess(["--model", str(tiny_path), "--served-model-name", "tiny-random", "--max-num-seqs", "4",
+                          "--max-queue", "1"])  # fmt: skip
+    try:
+        proc.wait_ready()
+        body = {"model": "tiny-random", "prompt": "burst", "max_tokens": 16, "denoising_steps": 2}
+
+        async def main():
+            async with httpx.AsyncClient(base_url=proc.base_url, timeout=60) as http:
+                bursts = []
+                for _ in range(10):
+                    answers = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(5)))
+                    bursts.append([r.status_code for r in answers])
+                return bursts
+
+        assert asyncio.run(main()) == [[200] * 5] * 10
+    finally:
+        proc.stop()
+
+
 def test_overload_is_503_with_retry_after(tiny_path):
     from tests.conftest import ServerProcess
 
