@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import batch_sampler, denoise
+from engine import batch_sampler, denoise, verify
 from engine.config import EngineConfig
 from engine.constraints import CanvasConstraints
 from engine.detokenizer import TextStream
@@ -259,11 +259,24 @@ class LLMEngine:
             # Rows keep self-conditioning in the model's dtype (a copy under bf16): let the fp32 batch go before
             # the commit pass runs.
             del logits
-            to_commit: list[tuple[DenoiseState, list[int]]] = []
+
+            def record(state: DenoiseState, event: Event) -> None:
+                events.append((state, event))
+
+            done: list[tuple[DenoiseState, PassOutcome, list[int]]] = []  # canvases this pass finished
             for state, outcome in zip(rows, outcomes, strict=True):
                 if state.total_passes == 0:
                     self.metrics.first_pass(state)
-                if self._after_pass(state, outcome, lambda s, e: events.append((s, e))):
+                canvas_ids = self._after_pass(state, outcome, record)
+                if canvas_ids is not None:
+                    done.append((state, outcome, canvas_ids))
+            checked = [(s, ids) for s, _, ids in done if s.params.verify]
+            # Rows that asked are scored by one more pass over their finished canvases (engine/verify.py).
+            verified = verify.canvas_logprobs(self.runner, checked)
+            scores = {id(s): v for (s, _), v in zip(checked, verified, strict=True)}
+            to_commit: list[tuple[DenoiseState, list[int]]] = []
+            for state, outcome, canvas_ids in done:
+                if self._commit_canvas(state, canvas_ids, record, scores.get(id(state))):
                     to_commit.append((state, outcome.argmax_ids))
             if to_commit:
                 self._commit_canvases(to_commit)
@@ -405,9 +418,8 @@ class LLMEngine:
         ids, masks = argmax_canvas.tolist(), accepted.tolist()
         return self._outcomes(stats, ids, masks)
 
-    def _after_pass(self, state: DenoiseState, outcome: PassOutcome, emit: Callable) -> bool:
-        """Count the pass, report it, and settle the canvas when it is done (in row order). True when the
-        request goes on to another canvas, so the finished one must be encoded first."""
+    def _after_pass(self, state: DenoiseState, outcome: PassOutcome, emit: Callable) -> list[int] | None:
+        """Count the pass and report it; when the canvas is done, the canvas to commit (`_commit_canvas`)."""
         params = state.params
         state.pass_index += 1
         state.total_passes += 1
@@ -430,8 +442,8 @@ class LLMEngine:
                 # Commit-only: the committed canvas is the grammar's walk over the last pass's logits.
                 walk = state.grammar.walk(state.self_conditioning.float(), params.max_tokens - len(state.answer_ids))
                 canvas_ids = walk + canvas_ids[len(walk) :]
-            return self._commit_canvas(state, canvas_ids, emit)
-        return False
+            return canvas_ids
+        return None
 
     def _draft(self, state: DenoiseState, ids: list[int]) -> dict:
         """The draft of an argmax canvas: its text up to EOS, and the character spans of its fixed tokens."""
@@ -460,10 +472,13 @@ class LLMEngine:
 
     # ------------------------------------------------------------ post-process
 
-    def _commit_canvas(self, state: DenoiseState, canvas_ids: list[int], emit: Callable) -> bool:
+    def _commit_canvas(
+        self, state: DenoiseState, canvas_ids: list[int], emit: Callable, verified: list[float] | None = None
+    ) -> bool:
         """Commit the argmax canvas: cut at EOS, stop strings and max_tokens (and where a template ends, with the
         fillers written in its holes dropped). Finishes the request, or returns True when it continues (its
-        canvas is then encoded with the pass's other finished ones)."""
+        canvas is then encoded with the pass's other finished ones). `verified`: the canvas's verification
+        log-probabilities, per canvas position (rows with params.verify)."""
         params = state.params
         positions = list(range(len(canvas_ids)))  # canvas position of each answer candidate token
         template_ends = False
@@ -512,6 +527,10 @@ class LLMEngine:
             state.accepted_prediction_tokens += c.accepted_prediction(
                 state.canvas_index, self.canvas_length, positions, answer
             )
+        if verified is not None:
+            scored = [verified[p] for p, t in zip(positions, answer, strict=True) if t not in eos]
+            state.verified_logprob += sum(scored)
+            state.verified_tokens += len(scored)
         self.metrics.committed(state, state.pass_index)
         logprobs = self._logprobs(state, answer, positions) if params.logprobs is not None else None
         emit(state, CommitEvent(state.canvas_index, answer, delta, state.pass_index, logprobs))
@@ -573,5 +592,8 @@ class LLMEngine:
                 else None,
                 accepted_prediction_tokens=state.accepted_prediction_tokens if predicted else None,
                 rejected_prediction_tokens=predicted - state.accepted_prediction_tokens if predicted else None,
+                verified_logprob=state.verified_logprob / state.verified_tokens
+                if state.params.verify and state.verified_tokens
+                else None,
             ),
         )

@@ -68,6 +68,9 @@ class FinishEvent:
     # Rows started from a prediction: predicted tokens the answer kept at their positions, and the others.
     accepted_prediction_tokens: int | None = None
     rejected_prediction_tokens: int | None = None
+    # Rows with params.verify: the mean log-probability of the answer's tokens (EOS excluded) in the verification
+    # pass over each committed canvas (engine/verify.py); None for an empty answer.
+    verified_logprob: float | None = None
 
 
 Event = PassEvent | CommitEvent | FinishEvent

@@ -54,6 +54,9 @@ class DenoiseState:
     template_tokens: int = 0
     fixed_logprob: tuple[float, int] = (0.0, 0)  # the latest pass's fixed-token score
     accepted_prediction_tokens: int = 0
+    # Rows with params.verify: summed verification log-probabilities of the answer's tokens, and their count.
+    verified_logprob: float = 0.0
+    verified_tokens: int = 0
     fixed_answer_tokens: int = 0  # answer tokens a template fixed (the rest the model wrote)
     answer_ids: list[int] = field(default_factory=list)  # committed answer tokens (cut at EOS/stop/length)
     denoised_tokens: int = 0  # committed canvas tokens up to EOS, excluding pad, for tokens_per_forward

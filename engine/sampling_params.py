@@ -19,10 +19,11 @@ REASONING_EFFORT_PRESETS: dict[str, dict[str, float | int]] = {
     "medium": {"denoising_steps": 48, "entropy_bound": 0.1},
     "high": {"denoising_steps": 48, "entropy_bound": 0.1},
 }
-# ... and onto candidate answers per choice, denoised side by side, the most confident kept (the server's
-# `best_of`). High spends its budget on candidates, not passes: on tiny-sudoku 96 passes and a 0.05 bound solved
-# no more than 24 passes, while the most confident of 16 answers solved about 11 points more at 26-40 givens.
-REASONING_EFFORT_BEST_OF: dict[str, int] = {"low": 1, "medium": 1, "high": 16}
+# ... and onto candidate answers per choice, denoised side by side, the best kept (the server's `best_of`, ranked by
+# a verification pass: engine/verify.py). High spends its budget on candidates, not passes: on tiny-sudoku 96
+# passes and a 0.05 bound solved no more than 24 passes, while the best of 32 answers solved 62% / 93% of 26-31 /
+# 32-40-given validation puzzles against 22% / 65% for one answer (the best of 16: 51% / 87%).
+REASONING_EFFORT_BEST_OF: dict[str, int] = {"low": 1, "medium": 1, "high": 32}
 
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
@@ -65,6 +66,8 @@ class SamplingParams:
     logprobs: int | None = None
     # As vLLM's: False keeps special tokens in the answer text (a chat format's markers, for its parser).
     skip_special_tokens: bool = True
+    # Score each committed canvas with one more decoder pass over it (engine/verify.py): best_of's ranking.
+    verify: bool = False
 
     @property
     def greedy(self) -> bool:

@@ -2,11 +2,13 @@
 
 OpenAI's `best_of` (on /v1/completions; Press accepts it on chat completions too) and `reasoning_effort: "high"`
 run `best_of` rows per prompt in the same batched passes, each with its own seed, and return the `n` answers the
-model is most confident of: those whose least likely token is the most likely (the highest minimum log-probability
-over the answer's tokens, under the sampling distribution of the passes that committed them; ties: the higher mean).
-OpenAI ranks by the mean log-probability per token; the weakest token measured better on tiny-sudoku (best of 8:
-19% / 58% of 26-31 / 32-40-given puzzles solved against 16% / 53% by the mean; see the README), as an answer is
-as sound as its weakest step. A row that answers nothing ranks last.
+model is most confident of. Each row's finished canvases get one more decoder pass, over the canvas as its own
+input (engine/verify.py), and the answers rank by the mean log-probability of their tokens in that pass (ties:
+the highest lowest log-probability at the passes that committed them, then the highest mean there). OpenAI ranks
+by the mean log-probability per token as sampled; judged against the finished answer instead, the ranking nearly
+always picked a right answer on tiny-sudoku when one of the candidates was right (best of 32: 62% / 93% of 26-31 /
+32-40-given validation puzzles solved, with a right candidate for 64% / 96%, against 47% / 85% by the weakest
+committed token; see models/tiny-sudoku/eval.md). A row that answers nothing ranks last.
 
 A prompt's answers are known only when all its rows have finished, so with `stream: true` the drafts of every
 candidate stream as they come (tagged `draft.candidate`, under the prompt's first choice index) and each kept
@@ -22,20 +24,24 @@ from dataclasses import dataclass, field, replace
 
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent
 
-# Rows per prompt at most (OpenAI caps best_of at 20; each row is a full canvas in every pass).
-MAX_BEST_OF = 16
+# Rows per prompt at most (OpenAI caps best_of at 20; each row is a full canvas in every pass): as many as
+# reasoning_effort high denoises.
+MAX_BEST_OF = 32
 
 
-def answer_score(logprobs: Sequence[float]) -> tuple[float, float]:
-    """(lowest, mean) log-probability of an answer's tokens; -inf for an empty answer. Higher is better."""
+def answer_score(logprobs: Sequence[float], verified: float | None = None) -> tuple[float, float, float]:
+    """(verified, lowest, mean): the answer's mean verification log-probability (FinishEvent.verified_logprob), then
+    the lowest and mean log-probability of its tokens at the passes that committed them; -inf for what is missing
+    (an empty answer, or a row that was not verified). Higher is better."""
+    v = verified if verified is not None else -math.inf
     if not logprobs:
-        return (-math.inf, -math.inf)
-    return (min(logprobs), sum(logprobs) / len(logprobs))
+        return (v, -math.inf, -math.inf)
+    return (v, min(logprobs), sum(logprobs) / len(logprobs))
 
 
-def rank(scores: Sequence[tuple[float, float]]) -> list[int]:
-    """Candidate indices, most confident first (ties: the lower index)."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i][0], -scores[i][1], i))
+def rank(scores: Sequence[tuple[float, ...]]) -> list[int]:
+    """Candidate indices, best score first (compared in order; ties: the lower index)."""
+    return sorted(range(len(scores)), key=lambda i: (*(-x for x in scores[i]), i))
 
 
 @dataclass
@@ -80,12 +86,13 @@ class BestOf:
                 group = self.rows[p * self.group : (p + 1) * self.group]
                 if any(r.finish is None for r in group):
                     continue
-                scores = [answer_score(r.logprobs) for r in group]
+                scores = [answer_score(r.logprobs, r.finish.verified_logprob) for r in group]  # type: ignore[union-attr]
                 order = rank(scores)
                 summary = [
                     {
-                        "min_logprob": round(s[0], 4) if math.isfinite(s[0]) else None,
-                        "mean_logprob": round(s[1], 4) if math.isfinite(s[1]) else None,
+                        "verified_logprob": round(s[0], 4) if math.isfinite(s[0]) else None,
+                        "min_logprob": round(s[1], 4) if math.isfinite(s[1]) else None,
+                        "mean_logprob": round(s[2], 4) if math.isfinite(s[2]) else None,
                         "passes": r.finish.passes,
                         "completion_tokens": r.finish.completion_tokens,
                         "finish_reason": r.finish.finish_reason,

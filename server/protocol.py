@@ -281,8 +281,10 @@ class Draft(BaseModel):
 
 
 class BestOfCandidate(BaseModel):
-    # The lowest and the mean log-probability of the answer's tokens (null for an empty answer): ranked by the
-    # lowest, ties by the mean.
+    # The mean log-probability of the answer's tokens in the verification pass over its finished canvases
+    # (engine/verify.py), then the lowest and the mean at the passes that committed them (null for an empty
+    # answer): ranked by the first, ties by the second, then the third.
+    verified_logprob: float | None
     min_logprob: float | None
     mean_logprob: float | None
     passes: int

@@ -349,8 +349,8 @@ class Serving:
                     code="prompt_too_long",
                 )
             params = self.sampling_params(req, max_tokens, len(prompt))
-            if per_prompt > req.n and params.logprobs is None:
-                params = params.with_changes(logprobs=0)  # best_of ranks the rows by their answers' log-probabilities
+            if per_prompt > req.n:  # best_of ranks the rows by a verification pass, then their log-probabilities
+                params = params.with_changes(verify=True, logprobs=0 if params.logprobs is None else params.logprobs)
             for i in range(per_prompt):
                 choice_params = params
                 if params.seed is not None and (p_idx or i):

@@ -14,8 +14,15 @@ def mean(values: list[float]) -> float:
 
 
 def score(values: list[float]) -> tuple[float, float]:
-    """What best_of ranks by: the answer's least likely token, then the mean."""
+    """An answer's least likely token and its mean log-probability, at the passes that committed them."""
     return (min(values), mean(values)) if values else (float("-inf"), float("-inf"))
+
+
+def ranking(info: dict, candidates: list) -> list[int]:
+    """What best_of ranks by: each candidate's verification score (from the response; tests/test_verify.py checks
+    the engine's against transformers' forward), then its least likely and its mean committed token."""
+    keys = [(c["verified_logprob"], *candidates[i][1]) for i, c in enumerate(info["candidates"])]
+    return sorted(range(len(keys)), key=lambda i: keys[i], reverse=True)
 
 
 def alone(client, seed: int, k: int) -> list[tuple[str, tuple[float, float], int]]:
@@ -33,14 +40,16 @@ def test_best_of_returns_the_most_confident_candidate(client):
     seed, k = 21, 4
     candidates = alone(client, seed, k)
     assert len({text for text, _, _ in candidates}) > 1  # the candidates differ, so the choice matters
-    best = max(range(k), key=lambda i: candidates[i][1])
     r = client.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=24, seed=seed, best_of=k,
                                   extra_body=FAST)  # fmt: skip
     assert len(r.choices) == 1
     choice = r.choices[0]
+    info = choice.model_extra["diffusion"]["best_of"]
+    best = ranking(info, candidates)[0]
+    # Here the verification pass decides: the weakest committed token would have picked another answer.
+    assert best != max(range(k), key=lambda i: candidates[i][1])
     assert choice.text == candidates[best][0]
     assert choice.logprobs is None  # ranked by log-probabilities, returned only when asked for
-    info = choice.model_extra["diffusion"]["best_of"]
     assert info["chosen"] == best
     assert [c["min_logprob"] for c in info["candidates"]] == pytest.approx([s[0] for _, s, _ in candidates], abs=1e-3)
     assert [c["mean_logprob"] for c in info["candidates"]] == pytest.approx([s[1] for _, s, _ in candidates], abs=1e-3)
@@ -52,9 +61,9 @@ def test_best_of_returns_the_most_confident_candidate(client):
 def test_best_of_with_n_returns_the_top_n_in_order(client):
     seed, k = 5, 5
     candidates = alone(client, seed, k)
-    order = sorted(range(k), key=lambda i: candidates[i][1], reverse=True)
     r = client.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=24, seed=seed, best_of=k, n=2,
                                   logprobs=1, extra_body=FAST)  # fmt: skip
+    order = ranking(r.choices[0].model_extra["diffusion"]["best_of"], candidates)
     assert [c.index for c in r.choices] == [0, 1]
     assert [c.text for c in r.choices] == [candidates[order[0]][0], candidates[order[1]][0]]
     assert [c.model_extra["diffusion"]["best_of"]["chosen"] for c in r.choices] == order[:2]
@@ -92,7 +101,7 @@ def test_reasoning_effort_high_picks_among_candidates(client):
     low = client.chat.completions.create(reasoning_effort="low", **kw).choices[0].model_extra["diffusion"]
     high = client.chat.completions.create(reasoning_effort="high", **kw).choices[0].model_extra["diffusion"]
     assert "best_of" not in low
-    assert len(high["best_of"]["candidates"]) == 16
+    assert len(high["best_of"]["candidates"]) == 32
     # An explicit best_of overrides the effort's.
     one = client.chat.completions.create(reasoning_effort="high", extra_body={"best_of": 1}, **kw)
     assert "best_of" not in one.choices[0].model_extra["diffusion"]

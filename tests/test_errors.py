@@ -80,9 +80,9 @@ BAD = [
      "context_length_exceeded"),
     ("echo", COMP, {"model": "tiny-random", "prompt": "x", "echo": True}, 400, "echo", None),
     ("prompt-wrong-type", COMP, {"model": "tiny-random", "prompt": {"text": "x"}}, 400, "prompt", "invalid_value"),
-    # best_of: at least n, at most 16, not with fill-in-the-middle, at most 64 candidate rows per request.
+    # best_of: at least n, at most 32, not with fill-in-the-middle, at most 64 candidate rows per request.
     ("best-of-below-n", COMP, {"model": "tiny-random", "prompt": "x", "n": 3, "best_of": 2}, 400, "best_of", None),
-    ("best-of-too-many", CHAT, {**OK_CHAT, "best_of": 17}, 400, "best_of", "invalid_value"),
+    ("best-of-too-many", CHAT, {**OK_CHAT, "best_of": 33}, 400, "best_of", "invalid_value"),
     ("best-of-with-suffix", COMP, {"model": "tiny-random", "prompt": "x", "suffix": "y", "best_of": 2}, 400,
      "best_of", None),
     ("best-of-too-many-rows", COMP, {"model": "tiny-random", "prompt": ["a", "b", "c", "d", "e"], "best_of": 16},

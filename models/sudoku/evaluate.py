@@ -97,7 +97,7 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32, quanti
     eos = engine.defaults.eos_token_ids[0]
     fillers = {eos, engine.loaded.model.config.get_text_config().pad_token_id}
     constraints = None
-    candidates = 1  # rows per puzzle; more: the most confident answer, as the server's best_of picks it
+    candidates = 1  # rows per puzzle; more: the best answer, as the server's best_of picks it
     if effort == "greedy":
         params = params.with_changes(t_min=0.0, t_max=0.0)  # what `temperature: 0` asks for over the API
     elif effort == "fixed":
@@ -114,8 +114,8 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32, quanti
     elif effort:
         params = params.with_changes(**REASONING_EFFORT_PRESETS[effort])
         candidates = REASONING_EFFORT_BEST_OF[effort]
-        if candidates > 1:
-            params = params.with_changes(logprobs=0)
+        if candidates > 1:  # ranked as the server ranks best_of rows (server/best_of.py)
+            params = params.with_changes(logprobs=0, verify=True)
 
     def prompt(p: str) -> list[int]:
         text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
@@ -145,7 +145,10 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32, quanti
         out = []
         for k in range(0, len(states), candidates):
             group = states[k : k + candidates]
-            best = group[rank([answer_score(logprobs.get(s.request_id, [])) for s in group])[0]]
+            scores = [
+                answer_score(logprobs.get(s.request_id, []), finishes[s.request_id].verified_logprob) for s in group
+            ]
+            best = group[rank(scores)[0]]
             out.append((best, finishes[best.request_id]))
         return out
 
@@ -244,7 +247,7 @@ def main() -> None:
         if effort and effort.startswith("predict"):
             label = f"prediction with {effort.removeprefix('predict')} cells wrong"
         if REASONING_EFFORT_BEST_OF.get(effort or "", 1) > 1:
-            label += f": the most confident of {REASONING_EFFORT_BEST_OF[effort]} answers"
+            label += f": the best of {REASONING_EFFORT_BEST_OF[effort]} answers by the verification pass"
         full = effort in (None, "greedy", "fixed") or effort.startswith("predict")
         subset = items if full else limit_per_bucket(items, args.effort_limit)
         rows[f"diffusion ({label}), {len(subset)} puzzles"] = eval_diffusion(
