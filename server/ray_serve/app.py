@@ -50,6 +50,10 @@ RETRIES = 3  # replicas tried for a request whose answer has not started
 # replica echoes the same id).
 HOP_BY_HOP = {b"connection", b"transfer-encoding", b"keep-alive", b"x-request-id"}
 RETRYABLE = (RayActorError, ActorUnavailableError)
+# Ray Serve counts a request as queued until its router has assigned it a replica, which takes a probe of the
+# replicas' queues: in a burst, requests bound for a free place are briefly "queued" and can be refused with
+# BackPressureError. A refusal is tried again for this long before the client gets its 503.
+BACKPRESSURE_WAIT_S = (0.05, 0.1, 0.2)
 
 
 def settings_to_dict(settings: Settings) -> dict:
@@ -243,7 +247,9 @@ class PressIngress:
             affinity=affinity_keys(parsed) if isinstance(parsed, dict) else [],
         )  # fmt: skip
         last_error: BaseException | None = None
-        for attempt in range(RETRIES):
+        waits = list(BACKPRESSURE_WAIT_S)
+        attempt = 0
+        while attempt < RETRIES:
             stream = self.replicas.handle.remote(forwarded)
             try:
                 start = await stream.__anext__()
@@ -253,8 +259,12 @@ class PressIngress:
                 last_error = exc
                 self.counts["retried"] += 1
                 stream.cancel()
+                attempt += 1
                 continue
             except BackPressureError:
+                if waits:  # perhaps only a burst still being assigned: ask again shortly
+                    await asyncio.sleep(waits.pop(0))
+                    continue
                 return APIError(503, "The server is overloaded: every replica's queue is full. Retry shortly.",
                                 type="server_error", code="server_overloaded",
                                 headers={"Retry-After": "1"}).response()  # fmt: skip
