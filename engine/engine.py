@@ -592,8 +592,6 @@ class LLMEngine:
                 else None,
                 accepted_prediction_tokens=state.accepted_prediction_tokens if predicted else None,
                 rejected_prediction_tokens=predicted - state.accepted_prediction_tokens if predicted else None,
-                verified_logprob=state.verified_logprob / state.verified_tokens
-                if state.params.verify and state.verified_tokens
-                else None,
+                verified_logprob=state.verified_logprob / state.verified_tokens if state.verified_tokens else None,
             ),
         )

@@ -34,7 +34,7 @@ def canvas_logprobs(runner: ModelRunner, rows: list[tuple[DenoiseState, list[int
         return []
     states = [s for s, _ in rows]
     device = runner.device
-    ids = torch.tensor([list(canvas) for _, canvas in rows], dtype=torch.long, device=device)
+    ids = torch.tensor([canvas for _, canvas in rows], dtype=torch.long, device=device)
     saved = [(s.canvas, s.self_conditioning) for s in states]
     try:
         for i, s in enumerate(states):
