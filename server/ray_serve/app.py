@@ -7,8 +7,9 @@
 - `PressIngress` (one): the HTTP entry. It reads the request once to compute its prefix-affinity keys, hands it
   to a replica through the `PrefixAffinityRouter`, and streams the answer back. A replica that dies before any of
   the answer was sent is retried on another one; one that dies mid-stream ends the stream with an error event.
-  `/health` sums the replicas' load, `/ready` asks a replica, `/metrics` merges every replica's metrics (label
-  `replica`), `/replicas` lists them.
+  It admits as many generations as the replicas and one router queue hold (server/ray_serve/admission.py) and
+  answers 503 beyond. `/health` sums the replicas' load, `/ready` asks a replica, `/metrics` merges every
+  replica's metrics (label `replica`), `/replicas` lists them.
 - Autoscaling uses Ray Serve's ongoing-request count per replica, which for Press is exactly the engine's running
   plus waiting requests (each request in flight is one or the other), with `max_num_seqs` as the target.
 """
@@ -25,18 +26,18 @@ import time
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError
 
 from engine.config import EngineConfig
 from server.config import ServerConfig, Settings
 from server.errors import APIError, body_too_large, install_error_handlers
 from server.middleware import check_api_key
+from server.ray_serve.admission import Admission, ReleasingResponse, Ticket
 from server.ray_serve.asgi import ForwardedRequest, call_app
 from server.ray_serve.routing import affinity_keys
 
@@ -50,10 +51,6 @@ RETRIES = 3  # replicas tried for a request whose answer has not started
 # replica echoes the same id).
 HOP_BY_HOP = {b"connection", b"transfer-encoding", b"keep-alive", b"x-request-id"}
 RETRYABLE = (RayActorError, ActorUnavailableError)
-# Ray Serve counts a request as queued until its router has assigned it a replica, which takes a probe of the
-# replicas' queues: in a burst, requests bound for a free place are briefly "queued" and can be refused with
-# BackPressureError. A refusal is tried again for this long before the client gets its 503.
-BACKPRESSURE_WAIT_S = (0.05, 0.1, 0.2)
 
 
 def settings_to_dict(settings: Settings) -> dict:
@@ -90,7 +87,7 @@ async def _next_body(stream) -> bytes | None:
         return None
 
 
-def _stream_response(start: dict, first: bytes | None, stream, counts: dict) -> Response:
+def _stream_response(start: dict, first: bytes | None, stream, counts: dict, ticket: Ticket) -> Response:
     headers = [(k, v) for k, v in start["headers"] if k.lower() not in HOP_BY_HOP]
     event_stream = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
 
@@ -114,7 +111,7 @@ def _stream_response(start: dict, first: bytes | None, stream, counts: dict) -> 
             if not finished:
                 stream.cancel()
 
-    response = StreamingResponse(body(), status_code=start["status"])
+    response = ReleasingResponse(body(), status_code=start["status"], ticket=ticket)
     response.raw_headers = headers
     return response
 
@@ -195,6 +192,21 @@ class PressIngress:
         self.settings = settings_from_dict(settings)
         self.store = _store(store_name)
         self.counts = {"retried": 0, "broken_streams": 0}  # replica failures this ingress absorbed or reported
+        engine, server = self.settings.engine, self.settings.server
+        # A fixed deployment holds its configured replicas; an autoscaled one those reporting (at least its minimum).
+        self.autoscaled = server.ray_max_replicas is not None
+        self.min_replicas = server.ray_min_replicas if server.ray_min_replicas is not None else 1
+        self.live_replicas, self.live_at = 0, 0.0
+        self.admission = Admission(engine.max_num_seqs + engine.max_queue, engine.max_queue, self._replica_count)
+
+    def _replica_count(self) -> int:
+        return max(self.live_replicas, self.min_replicas) if self.autoscaled else self.settings.server.ray_replicas
+
+    async def _refresh_replicas(self) -> None:
+        """An autoscaled deployment's reporting replicas, asked of the store at most every METRICS_PUSH_S."""
+        if self.autoscaled and time.monotonic() - self.live_at > METRICS_PUSH_S:
+            self.live_at = time.monotonic()
+            self.live_replicas = len(await self.store.get.remote())
 
     def _require_metrics_key(self, request: Request) -> None:
         """/metrics and /replicas need the API key when press serve's /metrics would (metrics_require_key)."""
@@ -207,6 +219,7 @@ class PressIngress:
         return {"status": "ok" if reports else "no_replicas", "replicas": len(reports),
                 "running": sum(r["running"] for r in reports.values()),
                 "waiting": sum(r["waiting"] for r in reports.values()),
+                "in_flight": self.admission.in_flight, "capacity": self.admission.capacity,
                 "retried_requests": self.counts["retried"],
                 "broken_streams": self.counts["broken_streams"]}  # fmt: skip
 
@@ -246,10 +259,24 @@ class PressIngress:
             headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()], body=body,
             affinity=affinity_keys(parsed) if isinstance(parsed, dict) else [],
         )  # fmt: skip
+        # Generations (every POST) take a place; /ready, /v1/models and the like never wait or get refused.
+        ticket: Ticket | None = Ticket()
+        if request.method == "POST":
+            await self._refresh_replicas()
+            ticket = self.admission.admit()
+        if ticket is None:
+            return APIError(503, "The server is overloaded: every replica's queue is full. Retry shortly.",
+                            type="server_error", code="server_overloaded",
+                            headers={"Retry-After": "1"}).response()  # fmt: skip
+        try:
+            return await self._answer(forwarded, ticket)
+        finally:  # a streamed answer has taken the ticket and gives it back once sent; anything else ends here
+            if not ticket.handed_on:
+                ticket.release()
+
+    async def _answer(self, forwarded: ForwardedRequest, ticket: Ticket) -> Response:
         last_error: BaseException | None = None
-        waits = list(BACKPRESSURE_WAIT_S)
-        attempt = 0
-        while attempt < RETRIES:
+        for attempt in range(RETRIES):
             stream = self.replicas.handle.remote(forwarded)
             try:
                 start = await stream.__anext__()
@@ -259,19 +286,12 @@ class PressIngress:
                 last_error = exc
                 self.counts["retried"] += 1
                 stream.cancel()
-                attempt += 1
                 continue
-            except BackPressureError:
-                if waits:  # perhaps only a burst still being assigned: ask again shortly
-                    await asyncio.sleep(waits.pop(0))
-                    continue
-                return APIError(503, "The server is overloaded: every replica's queue is full. Retry shortly.",
-                                type="server_error", code="server_overloaded",
-                                headers={"Retry-After": "1"}).response()  # fmt: skip
             except asyncio.CancelledError:  # the client went away
                 stream.cancel()
                 raise
-            return _stream_response(start, first, stream, self.counts)
+            ticket.handed_on = True
+            return _stream_response(start, first, stream, self.counts, ticket)
         return APIError(503, f"No replica could answer the request ({type(last_error).__name__}). Retry shortly.",
                         type="server_error", code="replica_unavailable",
                         headers={"Retry-After": "1"}).response()  # fmt: skip
@@ -290,9 +310,9 @@ def build(settings: Settings) -> serve.Application:
     options: dict = {
         "name": "PressReplica",
         "ray_actor_options": {"num_cpus": server.ray_replica_cpus, "num_gpus": gpus},
-        # Each replica takes what its engine takes (running + waiting); more waits at the router, up to max_queue.
+        # Each replica takes what its engine takes (running + waiting); more waits at the router, as many as the
+        # ingress admits (server/ray_serve/admission.py).
         "max_ongoing_requests": engine.max_num_seqs + engine.max_queue,
-        "max_queued_requests": engine.max_queue,
         "request_router_config": {
             "request_router_class": "server.ray_serve.router:PrefixAffinityRouter",
             "request_router_kwargs": {"imbalance": server.ray_affinity_imbalance},
