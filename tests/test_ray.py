@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from server.ray_serve.admission import Admission
 from server.ray_serve.routing import AffinityTable, affinity_keys
 from tests.conftest import ServerProcess
 
@@ -64,6 +65,20 @@ def test_affinity_keys_follow_the_conversation():
     assert table.lookup(b, {"r2"}) == "r2"  # r1 gone: the shared system prompt's replica
     table.forget("r2")
     assert table.lookup(c, {"r1", "r2"}) is None  # c[0] was last recorded for r2, now forgotten
+
+
+def test_admission_holds_what_the_replicas_and_one_router_queue_hold():
+    """Each replica holds its slots and queue (4 + 2 here), the router one more queue (2); a ticket given back twice
+    frees one place; the capacity follows the replica count (an autoscaled deployment's changes)."""
+    replicas = [2]
+    admission = Admission(per_replica=6, queue=2, replicas=lambda: replicas[0])
+    tickets = [admission.admit() for _ in range(14)]
+    assert all(tickets) and admission.admit() is None and admission.capacity == 14
+    tickets[0].release()
+    tickets[0].release()
+    assert admission.in_flight == 13 and admission.admit() is not None and admission.admit() is None
+    replicas[0] = 3
+    assert admission.capacity == 20 and sum(admission.admit() is not None for _ in range(10)) == 6
 
 
 def test_ray_flag_without_ray_says_how_to_install():
