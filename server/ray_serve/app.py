@@ -205,8 +205,10 @@ class PressIngress:
     async def _refresh_replicas(self) -> None:
         """An autoscaled deployment's reporting replicas, asked of the store at most every METRICS_PUSH_S."""
         if self.autoscaled and time.monotonic() - self.live_at > METRICS_PUSH_S:
-            self.live_at = time.monotonic()
-            self.live_replicas = len(await self.store.get.remote())
+            self._note_replicas(await self.store.get.remote())
+
+    def _note_replicas(self, reports: dict) -> None:
+        self.live_replicas, self.live_at = len(reports), time.monotonic()
 
     def _require_metrics_key(self, request: Request) -> None:
         """/metrics and /replicas need the API key when press serve's /metrics would (metrics_require_key)."""
@@ -216,6 +218,7 @@ class PressIngress:
     @ingress_app.get("/health")
     async def health(self) -> dict:
         reports = await self.store.get.remote()
+        self._note_replicas(reports)
         return {"status": "ok" if reports else "no_replicas", "replicas": len(reports),
                 "running": sum(r["running"] for r in reports.values()),
                 "waiting": sum(r["waiting"] for r in reports.values()),
