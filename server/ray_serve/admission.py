@@ -55,6 +55,7 @@ class ReleasingResponse(StreamingResponse):
     def __init__(self, *args, ticket: Ticket, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.ticket = ticket
+        ticket.handed_on = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -293,7 +293,6 @@ class PressIngress:
             except asyncio.CancelledError:  # the client went away
                 stream.cancel()
                 raise
-            ticket.handed_on = True
             return _stream_response(start, first, stream, self.counts, ticket)
         return APIError(503, f"No replica could answer the request ({type(last_error).__name__}). Retry shortly.",
                         type="server_error", code="replica_unavailable",
