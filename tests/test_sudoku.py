@@ -158,3 +158,37 @@ def test_shipped_model_answers_in_the_grid_format_and_helps_on_non_puzzles():
     # The help reply is learned, not hard-coded: the model writes it from the template's help request.
     for result in results[-2:]:
         assert tok.decode(result["answer_ids"], skip_special_tokens=True) == HELP
+
+
+def test_grown_checkpoint_computes_what_its_source_computes(tmp_path):
+    """models/sudoku/grow.py doubles the depth of a checkpoint without changing a single logit: each new layer
+    adds nothing until training moves its output norms."""
+    import torch
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    from models.sudoku.train import model_config
+
+    torch.manual_seed(0)
+    source = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**model_config(2, 32))).eval()
+    with torch.no_grad():  # a random init has all-ones norms; perturb them so the copies' zeroing is what counts
+        for p in source.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    src = tmp_path / "src"
+    source.save_pretrained(src)
+    save_tokenizer(src)
+    (src / "training.json").write_text('{"seed": 0}\n')
+    subprocess.run(
+        [sys.executable, "-m", "models.sudoku.grow", "--init", str(src), "--out", str(tmp_path / "grown")],
+        cwd=ROOT, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    grown = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path / "grown").eval()
+    assert grown.config.text_config.num_hidden_layers == 4
+    assert grown.config.text_config.layer_types == ["sliding_attention"] * 2 + ["full_attention"] * 2
+    prompt, canvas = torch.randint(10, 100, (2, 30)), torch.randint(10, 100, (2, 90))
+    with torch.no_grad():
+        before = source(input_ids=prompt, decoder_input_ids=canvas).logits
+        after = grown(input_ids=prompt, decoder_input_ids=canvas).logits
+        sc_before = source(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=before).logits
+        sc_after = grown(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=after).logits
+    assert torch.allclose(before, after, atol=1e-5) and torch.allclose(sc_before, sc_after, atol=1e-5)
+    assert '"grown_from"' in (tmp_path / "grown" / "training.json").read_text()
