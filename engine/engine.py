@@ -270,10 +270,13 @@ class LLMEngine:
                 canvas_ids = self._after_pass(state, outcome, record)
                 if canvas_ids is not None:
                     done.append((state, outcome, canvas_ids))
-            checked = [(s, ids) for s, _, ids in done if s.params.verify]
-            # Rows that asked are scored by one more pass over their finished canvases (engine/verify.py).
-            verified = verify.canvas_logprobs(self.runner, checked)
-            scores = {id(s): v for (s, _), v in zip(checked, verified, strict=True)}
+            # Rows that asked are scored by more passes over their finished canvases (engine/verify.py), batched
+            # by their number of verification passes.
+            scores: dict[int, list[float]] = {}
+            for passes in sorted({s.params.verify for s, _, _ in done if s.params.verify}):
+                checked = [(s, ids) for s, _, ids in done if s.params.verify == passes]
+                verified = verify.canvas_logprobs(self.runner, checked, passes)
+                scores.update({id(s): v for (s, _), v in zip(checked, verified, strict=True)})
             to_commit: list[tuple[DenoiseState, list[int]]] = []
             for state, outcome, canvas_ids in done:
                 if self._commit_canvas(state, canvas_ids, record, scores.get(id(state))):

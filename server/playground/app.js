@@ -206,7 +206,7 @@ function showStats(finish, usage) {
       rows.push(["canvases", finish.diffusion.canvases], ["passes", finish.diffusion.passes],
         ["tokens per forward", finish.diffusion.tokens_per_forward]);
       const best = finish.diffusion.best_of;
-      if (best) rows.push(["answer", `candidate ${best.chosen + 1} of ${best.candidates.length}, the best by the verification pass`]);
+      if (best) rows.push(["answer", `candidate ${best.chosen + 1} of ${best.candidates.length}, the best by the verification passes`]);
     }
   }
   if (usage) rows.push(["prompt tokens", usage.prompt_tokens], ["completion tokens", usage.completion_tokens]);
