@@ -60,12 +60,13 @@ def canvas_logprobs(
     saved = [(s.canvas, s.self_conditioning) for s in states]
     try:
         for g in range(passes):
-            inputs = ids if passes == 1 else torch.where(group == g, noise, ids)
+            hidden = None if passes == 1 else group == g  # the positions this pass hides and scores
+            inputs = ids if hidden is None else torch.where(hidden, noise, ids)
             for i, s in enumerate(states):
                 s.canvas, s.self_conditioning = inputs[i], None
             logits = runner.denoise_logits(states)
             chosen = logits.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-            scores = chosen if passes == 1 else torch.where(group == g, chosen, scores)
+            scores = chosen if hidden is None else torch.where(hidden, chosen, scores)
             del logits
     finally:
         for s, (canvas, sc) in zip(states, saved, strict=True):

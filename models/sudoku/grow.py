@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from models.sudoku.tokenizer import save_tokenizer
+from models.sudoku.train import training_record
+
 ZEROED = ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")
 STACKS = ("model.decoder.layers.", "model.encoder.language_model.layers.")
 
@@ -70,14 +73,9 @@ def main() -> None:
     grown.generation_config = source.generation_config
     out = Path(args.out)
     grown.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (Path(args.init) / name).exists():
-            (out / name).write_bytes((Path(args.init) / name).read_bytes())
-    record = json.loads((Path(args.init) / "training.json").read_text())
-    (out / "training.json").write_text(
-        json.dumps({"grown_from": args.init, "layers": [layers, len(layout)], "continued_from": record}, indent=1)
-        + "\n"
-    )
+    save_tokenizer(out)
+    record = {"grown_from": args.init, "layers": [layers, len(layout)], "continued_from": training_record(args.init)}
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"{layers} -> {len(layout)} layers, {sum(p.numel() for p in grown.parameters()):,} parameters")
 
 
