@@ -208,13 +208,14 @@ def summarize(items, texts, passes, tpf, latency) -> dict:
     }
 
 
-def limit_per_bucket(items, limit: int):
-    if not limit:
+def limit_per_bucket(items, limit: int, start: int = 0):
+    """At most `limit` puzzles per bucket (0: all), after skipping the first `start` of each."""
+    if not limit and not start:
         return items
     picked: dict[str, list] = {}
     for it in items:
         picked.setdefault(bucket_of(it[0]), []).append(it)
-    return [it for v in picked.values() for it in v[:limit]]
+    return [it for v in picked.values() for it in v[start : start + limit if limit else None]]
 
 
 def main() -> None:
@@ -222,6 +223,7 @@ def main() -> None:
     ap.add_argument("--model", default="models/tiny-sudoku")
     ap.add_argument("--ar", default=None, help="autoregressive baseline checkpoint")
     ap.add_argument("--limit", type=int, default=0, help="evaluate at most this many puzzles per bucket")
+    ap.add_argument("--start", type=int, default=0, help="skip the first this many puzzles of each bucket")
     ap.add_argument(
         "--effort-limit", type=int, default=100, help="puzzles per bucket for the reasoning_effort rows (0 = all)"
     )
@@ -240,7 +242,7 @@ def main() -> None:
     items = load_heldout()
     if args.buckets:
         items = [it for it in items if bucket_of(it[0]) in args.buckets.split(",")]
-    items = limit_per_bucket(items, args.limit)
+    items = limit_per_bucket(items, args.limit, args.start)
     rows = {}
     for name in args.configs.split(","):
         effort = None if name == "defaults" else name
