@@ -157,7 +157,7 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32, quanti
     latency_items = [it for it in items if 81 - it[0].count(".") >= 32][:20]
     for it in latency_items:
         run([it])
-    latency = (time.perf_counter() - t0) / max(1, len(latency_items))
+    latency = (time.perf_counter() - t0) / len(latency_items) if latency_items else None
     return summarize(
         items,
         [tok.decode(s.answer_ids, skip_special_tokens=True) for s, _ in results],
@@ -190,7 +190,7 @@ def eval_ar(path: str, items, batch: int = 64) -> dict:
     latency_items = [it for it in items if 81 - it[0].count(".") >= 32][:20]
     for it in latency_items:
         run([it])
-    latency = (time.perf_counter() - t0) / max(1, len(latency_items))
+    latency = (time.perf_counter() - t0) / len(latency_items) if latency_items else None
     return summarize(items, texts, [90.0] * len(items), [1.0] * len(items), latency)
 
 
@@ -262,18 +262,20 @@ def main() -> None:
     if args.ar:
         rows[f"autoregressive (greedy), {len(items)} puzzles"] = eval_ar(args.ar, items)
     buckets = [f"{lo}-{hi}" for lo, hi in BUCKETS]
+    present = [b for b in buckets if any(bucket_of(p) == b for p, _ in items)]
     lines = [
-        f"Held-out puzzles: {len(items)} ({', '.join(f'{b} givens' for b in buckets)}); latency at batch 1 on "
+        f"Held-out puzzles: {len(items)} ({', '.join(f'{b} givens' for b in present)}); latency at batch 1 on "
         f"this machine's CPU ({torch.get_num_threads()} threads), puzzles with 32+ givens.",
         "",
         "| model | " + " | ".join(f"solved {b}" for b in buckets) + " | passes/canvas | tokens/forward | s/puzzle |",
         "|---|" + "---|" * (len(buckets) + 3),
     ]
     for name, r in rows.items():
-        solved = " | ".join(f"{r['solve_rate'].get(b, float('nan')):.1%}" for b in buckets)
+        solved = " | ".join(f"{r['solve_rate'][b]:.1%}" if b in r["solve_rate"] else "-" for b in buckets)
+        latency = r["latency_s_per_puzzle_batch1"]
         lines.append(
             f"| {name} | {solved} | {r['passes_per_canvas']:.1f} | {r['tokens_per_forward']:.2f} | "
-            f"{r['latency_s_per_puzzle_batch1']:.3f} |"
+            f"{'-' if latency is None else f'{latency:.3f}'} |"
         )
     table = "\n".join(lines)
     print(table)
