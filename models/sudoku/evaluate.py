@@ -153,17 +153,12 @@ def eval_diffusion(path: str, items, effort: str | None, batch: int = 32, quanti
         return out
 
     results = run(items)
-    t0 = time.perf_counter()
-    latency_items = [it for it in items if 81 - it[0].count(".") >= 32][:20]
-    for it in latency_items:
-        run([it])
-    latency = (time.perf_counter() - t0) / len(latency_items) if latency_items else None
     return summarize(
         items,
         [tok.decode(s.answer_ids, skip_special_tokens=True) for s, _ in results],
         [f.passes / max(1, f.canvases) for _, f in results],
         [f.tokens_per_forward for _, f in results],
-        latency,
+        batch1_latency(items, run),
     )
 
 
@@ -186,12 +181,18 @@ def eval_ar(path: str, items, batch: int = 64) -> dict:
     texts = []
     for i in range(0, len(items), batch):
         texts += run(items[i : i + batch])
-    t0 = time.perf_counter()
+    return summarize(items, texts, [90.0] * len(items), [1.0] * len(items), batch1_latency(items, run))
+
+
+def batch1_latency(items, run) -> float | None:
+    """Mean seconds for `run` on one puzzle at a time, over the first 20 puzzles with 32+ givens (None if none)."""
     latency_items = [it for it in items if 81 - it[0].count(".") >= 32][:20]
+    if not latency_items:
+        return None
+    t0 = time.perf_counter()
     for it in latency_items:
         run([it])
-    latency = (time.perf_counter() - t0) / len(latency_items) if latency_items else None
-    return summarize(items, texts, [90.0] * len(items), [1.0] * len(items), latency)
+    return (time.perf_counter() - t0) / len(latency_items)
 
 
 def summarize(items, texts, passes, tpf, latency) -> dict:
@@ -262,7 +263,8 @@ def main() -> None:
     if args.ar:
         rows[f"autoregressive (greedy), {len(items)} puzzles"] = eval_ar(args.ar, items)
     buckets = [f"{lo}-{hi}" for lo, hi in BUCKETS]
-    present = [b for b in buckets if any(bucket_of(p) == b for p, _ in items)]
+    seen = {bucket_of(p) for p, _ in items}
+    present = [b for b in buckets if b in seen]
     lines = [
         f"Held-out puzzles: {len(items)} ({', '.join(f'{b} givens' for b in present)}); latency at batch 1 on "
         f"this machine's CPU ({torch.get_num_threads()} threads), puzzles with 32+ givens.",
