@@ -192,3 +192,23 @@ def test_grown_checkpoint_computes_what_its_source_computes(tmp_path):
         sc_after = grown(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=after).logits
     assert torch.allclose(before, after, atol=1e-5) and torch.allclose(sc_before, sc_after, atol=1e-5)
     assert '"grown_from"' in (tmp_path / "grown" / "training.json").read_text()
+
+
+def test_evaluation_splits_buckets_and_marks_what_a_run_did_not_measure():
+    from models.sudoku.evaluate import bucket_of, limit_per_bucket, load_heldout, render_table, summarize
+
+    items = load_heldout()
+    part = limit_per_bucket(items, 3, start=2)  # --start 2 --limit 3: puzzles 2, 3, 4 of each bucket
+    by_bucket = {}
+    for it in items:
+        by_bucket.setdefault(bucket_of(it[0]), []).append(it)
+    assert part == [it for v in by_bucket.values() for it in v[2:5]]
+    assert limit_per_bucket(items, 0, start=248) == [it for v in by_bucket.values() for it in v[248:]]
+
+    only = by_bucket["20-25"][:2]  # no puzzle with 32+ givens: no latency
+    row = summarize(only, [s for _, s in only], [10.0, 20.0], [8.0, 4.0], None)
+    assert row["solve_rate"] == {"20-25": 1.0} and row["passes_per_canvas"] == 15.0
+    table = render_table({"diffusion (defaults), 2 puzzles": row}, only, threads=2)
+    assert table.splitlines()[0].startswith("Held-out puzzles: 2 (20-25 givens); latency")
+    assert "| diffusion (defaults), 2 puzzles | 100.0% | - | - | - | 15.0 | 6.00 | - |" in table
+    assert "nan" not in table

@@ -219,6 +219,28 @@ def limit_per_bucket(items, limit: int, start: int = 0):
     return [it for v in picked.values() for it in v[start : start + limit if limit else None]]
 
 
+def render_table(rows: dict, items, threads: int) -> str:
+    """eval.md's table: a column per givens bucket; a bucket or latency a row did not measure shows '-'."""
+    buckets = [f"{lo}-{hi}" for lo, hi in BUCKETS]
+    seen = {bucket_of(p) for p, _ in items}
+    present = [b for b in buckets if b in seen]
+    lines = [
+        f"Held-out puzzles: {len(items)} ({', '.join(f'{b} givens' for b in present)}); latency at batch 1 on "
+        f"this machine's CPU ({threads} threads), puzzles with 32+ givens.",
+        "",
+        "| model | " + " | ".join(f"solved {b}" for b in buckets) + " | passes/canvas | tokens/forward | s/puzzle |",
+        "|---|" + "---|" * (len(buckets) + 3),
+    ]
+    for name, r in rows.items():
+        solved = " | ".join(f"{r['solve_rate'][b]:.1%}" if b in r["solve_rate"] else "-" for b in buckets)
+        latency = r["latency_s_per_puzzle_batch1"]
+        lines.append(
+            f"| {name} | {solved} | {r['passes_per_canvas']:.1f} | {r['tokens_per_forward']:.2f} | "
+            f"{'-' if latency is None else f'{latency:.3f}'} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="models/tiny-sudoku")
@@ -262,24 +284,7 @@ def main() -> None:
         print(rows, flush=True)
     if args.ar:
         rows[f"autoregressive (greedy), {len(items)} puzzles"] = eval_ar(args.ar, items)
-    buckets = [f"{lo}-{hi}" for lo, hi in BUCKETS]
-    seen = {bucket_of(p) for p, _ in items}
-    present = [b for b in buckets if b in seen]
-    lines = [
-        f"Held-out puzzles: {len(items)} ({', '.join(f'{b} givens' for b in present)}); latency at batch 1 on "
-        f"this machine's CPU ({torch.get_num_threads()} threads), puzzles with 32+ givens.",
-        "",
-        "| model | " + " | ".join(f"solved {b}" for b in buckets) + " | passes/canvas | tokens/forward | s/puzzle |",
-        "|---|" + "---|" * (len(buckets) + 3),
-    ]
-    for name, r in rows.items():
-        solved = " | ".join(f"{r['solve_rate'][b]:.1%}" if b in r["solve_rate"] else "-" for b in buckets)
-        latency = r["latency_s_per_puzzle_batch1"]
-        lines.append(
-            f"| {name} | {solved} | {r['passes_per_canvas']:.1f} | {r['tokens_per_forward']:.2f} | "
-            f"{'-' if latency is None else f'{latency:.3f}'} |"
-        )
-    table = "\n".join(lines)
+    table = render_table(rows, items, torch.get_num_threads())
     print(table)
     out = Path(args.out or args.model)
     out.mkdir(parents=True, exist_ok=True)
