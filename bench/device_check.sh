@@ -5,6 +5,7 @@
 #   engine  bench/engine.py --size full: the random-weight DiffusionGemma-26B-A4B, transformers' generate()
 #           against Press eager with stock kernels and with the batch-invariant expert loop, batch 1 and 8
 #   compiled  the same for compiled passes (startup compile of batch buckets 1-8 timed; issue 13's GPU targets)
+#           Both profile 8 passes at batch 1 (stock eager; compiled): each kernel's device time, by part
 #   quant   bench/quantization.py --size full: bf16 / int8 / int4 / fp8, peak memory and pass time (issue 14)
 #   sudoku  tiny-sudoku's training continued on the GPU (SUDOKU_MIN minutes, 12 processes dealing batches of
 #           SUDOKU_BATCH); the checkpoint comes back as sudoku-gpu.tar, to evaluate here (issue 15)
@@ -76,10 +77,11 @@ for s in "${stages[@]}"; do
             grep -h -E "^(FAILED|ERROR)|(passed|failed|error).* in [0-9.]+s" "$logs"/*.out | cut -c1-200 ;;
         engine)  # eager: stock kernels (grouped_mm) against the batch-invariant expert loop
             stage engine "${ENGINE_S:-${STAGE_S:-240}}" python3 bench/engine.py --size "${ENGINE_SIZE:-full}" \
-                --batches 1,8 --steps 32 --repeats 2 --invariance 2 --kernels stock,batch-invariant --out "$OUT/engine" ;;
+                --batches 1,8 --steps 32 --repeats 2 --invariance 2 --kernels stock,batch-invariant --profile stock \
+                --out "$OUT/engine" ;;
         compiled)  # compiled passes with CUDA graphs: buckets 1-8 compile at startup (timed)
             stage compiled "${COMPILED_S:-${STAGE_S:-420}}" python3 bench/engine.py --size "${ENGINE_SIZE:-full}" \
-                --batches "${COMPILED_BATCHES:-1,8}" --steps 32 --repeats 2 --invariance 0 --kernels compiled \
+                --batches "${COMPILED_BATCHES:-1,8}" --steps 32 --repeats 2 --invariance 0 --kernels compiled --profile compiled \
                 --out "$OUT/compiled" ;;
         sudoku)  # issue 15: continue tiny-sudoku's training on the GPU from the shipped weights; evaluate it here
             stage sudoku "${SUDOKU_S:-${STAGE_S:-420}}" python3 -m models.sudoku.train --device "${SUDOKU_DEVICE:-cuda}" \

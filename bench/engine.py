@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import resource
 import sys
 import time
@@ -89,24 +90,25 @@ def time_hf(model, batch: int, prompt_len: int, canvas: int, steps: int, dev: to
     return best
 
 
+def add_canvas(engine: LLMEngine, batch: int, prompt_len: int, canvas: int, steps: int) -> None:
+    """Queue one canvas of `batch` seeded rows with random prompts; random weights never get confident, so it
+    runs all `steps` passes."""
+    params = SamplingParams(
+        max_tokens=canvas, denoising_steps=steps, confidence_threshold=1e-9, eos_token_ids=[], include_drafts=False
+    )
+    g = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        prompt = torch.randint(10, engine.vocab_size, (prompt_len,), generator=g).tolist()
+        engine.add_request(engine.make_request(prompt, params.with_changes(seed=i)))
+
+
 def time_engine(
     engine: LLMEngine, batch: int, prompt_len: int, canvas: int, steps: int, dev: torch.device, repeats: int
 ) -> float:
     """Best of `repeats` timed canvases (after a warm-up), measured like time_hf."""
-    params = SamplingParams(
-        max_tokens=canvas, denoising_steps=steps, confidence_threshold=1e-9, eos_token_ids=[], include_drafts=False
-    )
 
     def one_canvas() -> float:
-        g = torch.Generator().manual_seed(batch)
-        states = [
-            engine.make_request(
-                torch.randint(10, engine.vocab_size, (prompt_len,), generator=g).tolist(), params.with_changes(seed=i)
-            )
-            for i in range(batch)
-        ]
-        for s in states:
-            engine.add_request(s)
+        add_canvas(engine, batch, prompt_len, canvas, steps)
         sync(dev)
         t = time.perf_counter()
         while engine.has_unfinished():
@@ -156,6 +158,93 @@ def invariance_rate(engine: LLMEngine, batch: int, prompt_len: int, canvas: int,
     }
 
 
+# Where a profiled pass's time goes: the first pattern (lowercase op or kernel name) that matches names the part.
+PARTS = [
+    ("expert GEMMs (grouped)", r"grouped|groupproblemshape|moe"),  # CUTLASS's grouped GEMM: GroupProblemShape
+    ("attention", r"flash|fmha|attention|scaled_dot_product|sdpa"),
+    ("other GEMMs", r"gemm|gemv|nvjet|xmma|cutlass|cublas|aten::(mm|addmm|bmm|matmul|linear)$|mkl|onednn"),
+    ("sort, scan, histogram", r"sort|radix|histc|cumsum|scan|topk"),
+    ("random draws", r"uniform|exponential|philox|normal_|random_"),
+    ("dynamo guards and glue", r"dynamo|pregraph bytecode"),
+    ("compiled graphs (inductor kernels)", r"triton|compiledfxgraph|cpp_fused|compiled region|inductor"),
+    ("copies", r"memcpy|memset|copy|cat$|clone|index|gather|scatter|contiguous"),
+    (
+        "elementwise and reductions",
+        r"elementwise|vectorized|reduce|aten::(mul|add|sub|div|pow|sum|mean|exp|log|"
+        r"tanh|gelu|silu|softmax|_softmax|_log_softmax|logsumexp|rsqrt|sqrt|where|max|min|argmax|clamp|neg|fill_)",
+    ),
+]
+
+
+def part_of(name: str) -> str:
+    low = name.lower()
+    return next((part for part, pattern in PARTS if re.search(pattern, low)), "other")
+
+
+def profile_engine(
+    engine: LLMEngine, batch: int, prompt_len: int, canvas: int, steps: int, dev: torch.device, passes: int = 8
+) -> dict:
+    """`passes` passes of one canvas of `batch` rows under torch.profiler, after its first step (admission and
+    prefill) and with the engine warm (time_engine ran first), summed by part and by op: on CUDA the kernels'
+    device time, on CPU the ops' self CPU time (inflated by the profiler's own cost per op). `busy_ms` against
+    `wall_ms` shows how much of a pass the device (or the host's ops) actually works."""
+    from torch.profiler import ProfilerActivity, profile
+
+    add_canvas(engine, batch, prompt_len, canvas, steps)
+    engine.step(lambda *_: None)
+    passes = min(passes, steps - 1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(passes):
+            engine.step(lambda *_: None)
+        sync(dev)
+        wall = time.perf_counter() - t
+    while engine.has_unfinished():
+        engine.step(lambda *_: None)
+    totals: dict[str, list[float]] = {}  # name -> [microseconds, calls]
+    if dev.type == "cuda":
+        for evt in prof.events():
+            if evt.device_type == torch.autograd.DeviceType.CUDA:
+                entry = totals.setdefault(evt.name, [0.0, 0])
+                entry[0] += evt.device_time_total
+                entry[1] += 1
+    else:
+        for avg in prof.key_averages():
+            if avg.self_cpu_time_total > 0:
+                totals[avg.key] = [avg.self_cpu_time_total, avg.count]
+    per_pass = 1e-3 / passes  # microseconds in all -> ms per pass
+    parts: dict[str, float] = {}
+    for name, (us, _) in totals.items():
+        parts[part_of(name)] = parts.get(part_of(name), 0.0) + us * per_pass
+    top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:12]
+    return {
+        "batch": batch,
+        "passes": passes,
+        "clock": "device (kernels)" if dev.type == "cuda" else "host (self CPU time of ops)",
+        "wall_ms": wall * 1e3 / passes,
+        "busy_ms": sum(parts.values()),
+        "parts_ms": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+        "top": [{"name": n, "ms": us * per_pass, "calls": c / passes} for n, (us, c) in top],
+    }
+
+
+def render_profile(mode: str, p: dict) -> str:
+    lines = [
+        f"Profile, Press {mode}, batch {p['batch']}, {p['passes']} passes after the first: {p['wall_ms']:.1f} ms per "
+        f"pass profiled, of which "
+        f"{p['busy_ms']:.1f} ms {p['clock']} ({p['busy_ms'] / p['wall_ms']:.0%}).",
+        "",
+        "| part | ms per pass | share of busy |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {v:.2f} | {v / p['busy_ms']:.0%} |" for k, v in p["parts_ms"].items()]
+    lines += ["", "| op or kernel (top 12) | ms per pass | calls per pass |", "|---|---|---|"]
+    lines += [f"| `{t['name'][:90]}` | {t['ms']:.2f} | {t['calls']:.1f} |" for t in p["top"]]
+    return "\n".join(lines)
+
+
 # Press's modes, in the order they run (the batch-invariant kernels patch the model in place, so they go last).
 MODES = {
     "stock": dict(batch_invariant=False, compile=False),
@@ -183,6 +272,12 @@ def main() -> None:
         help="seeded requests in each mode's batch-invariance check (default: the largest batch; 0 skips it, "
         "which a full-size GPU run may need to fit its time)",
     )
+    ap.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated Press modes (or all) to profile after timing: one canvas at the smallest batch, "
+        "where a pass's time goes",
+    )
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     # As `press serve` does, and before anything runs: transformers and Press then time under the same
@@ -194,6 +289,7 @@ def main() -> None:
     print(f"built the {args.size} model on {device_name(dev)} in {time.perf_counter() - t0:.1f} s", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     modes = list(MODES) if args.kernels == "all" else [m for m in MODES if m in args.kernels.split(",")]
+    profiled = modes if args.profile == "all" else args.profile.split(",")
     hf = {}
     for b in batches:  # progress lines, so a run cut off at its time limit still reports what it measured
         hf[b] = time_hf(model, b, prompt_len, canvas, args.steps, dev, args.repeats)
@@ -202,7 +298,7 @@ def main() -> None:
         {"batch": b, "hf_pass_ms": hf[b] / args.steps * 1e3, "hf_canvas_tokens_per_s": b * canvas / hf[b]}
         for b in batches
     ]
-    invariance, compile_s = {}, None
+    invariance, compile_s, profiles = {}, None, {}
     for mode in modes:
         start = time.perf_counter()
         engine = LLMEngine(EngineConfig(max_num_seqs=max(batches), **MODES[mode]), loaded=wrap_model(model, tokenizer))
@@ -217,11 +313,15 @@ def main() -> None:
             row[f"{mode}_canvas_tokens_per_s"] = row["batch"] * canvas / seconds
             row[f"{mode}_peak_memory_gb"] = peak_gb(dev)
             print(f"{mode} batch {row['batch']}: {row[f'{mode}_pass_ms']:.1f} ms per pass", flush=True)
+        if mode in profiled:
+            profiles[mode] = profile_engine(engine, batches[0], prompt_len, canvas, args.steps, dev)
+            print(render_profile(mode, profiles[mode]), flush=True)
         n = max(batches) if args.invariance is None else args.invariance
         if n > 0:
             invariance[mode] = invariance_rate(engine, n, prompt_len, canvas, args.steps)
         del engine
     table = render(args, dev, prompt_len, canvas, modes, rows, invariance, compile_s)
+    table += "".join(f"\n\n{render_profile(m, p)}" for m, p in profiles.items())
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,6 +339,7 @@ def main() -> None:
                 "rows": rows,
                 "invariance": invariance,
                 "compile_startup_s": compile_s,
+                "profiles": profiles,
             },
             indent=1,
         )
