@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerBase
 
-from engine import quantization
+from engine import prequantized, quantization
 from engine.config import EngineConfig
 from engine.memory_plan import MemoryPlan, build_plan, check_fits, device_memory, fmt, parse_size
 from engine.sampling_params import SamplingParams
@@ -114,19 +114,20 @@ def wrap_model(
     )
 
 
-def plan_memory(
-    config: EngineConfig, path: str, device: torch.device, dtype: torch.dtype, report: bool = True
-) -> tuple[MemoryPlan, int]:
+def plan_memory(config: EngineConfig, path: str, device: torch.device, report: bool = True) -> tuple[MemoryPlan, int]:
     """The memory plan of these settings from config.json, and the KV budget they leave; ValueError (with the
-    plan's arithmetic) when they cannot fit the device, before any weight is read. `report`: log the plan (the
-    loader does; `press serve`'s check before loading does not, so it is logged once)."""
-    from transformers import AutoConfig
-
+    plan's arithmetic) when they cannot fit the device, before any weight is read. The plan also fixes the
+    weights' format (--quantization, or a compressed-tensors checkpoint's own: engine/prequantized.py) and the
+    activations' dtype. `report`: log the plan (the loader does; `press serve`'s check before loading does not,
+    so it is logged once)."""
     quantization.check_method(config.quantization, device)
     model_config = AutoConfig.from_pretrained(path)
-    if config.quantization != "none" and getattr(model_config, "quantization_config", None) is not None:
-        raise ValueError(f"{path} is already quantized ({model_config.quantization_config}); drop --quantization")
-    plan = build_plan(model_config, dtype, config.quantization, device.type, name=config.model)
+    method = prequantized.effective_quantization(config.quantization, model_config)
+    quantization.check_method(method, device)
+    dtype = resolve_dtype(config.dtype, device, method)
+    if method == "int4" and device.type == "cuda" and dtype != torch.bfloat16:
+        raise ValueError("int4 on CUDA runs tinygemm kernels, which need --dtype bfloat16")
+    plan = build_plan(model_config, dtype, method, device.type, name=config.model)
     memory = parse_size(config.gpu_memory) if config.gpu_memory else device_memory(device)
     max_len = model_config.get_text_config().max_position_embeddings
     max_len = min(max_len, config.max_model_len) if config.max_model_len is not None else max_len
@@ -144,16 +145,17 @@ def plan_memory(
 
 def load_model(config: EngineConfig) -> LoadedModel:
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device, config.quantization)
-    if config.quantization == "int4" and device.type == "cuda" and dtype != torch.bfloat16:
-        raise ValueError("int4 on CUDA runs tinygemm kernels, which need --dtype bfloat16")
     path = resolve_model_path(config.model, config.cache_dir)
-    plan, budget = plan_memory(config, path, device, dtype)
+    plan, budget = plan_memory(config, path, device)
+    dtype, method = plan.dtype, plan.quantization
     log.info("loading %s on %s (%s%s)", path, device, dtype,
-             f", {config.quantization} weights" if config.quantization != "none" else "")  # fmt: skip
+             f", {method} weights" if method != "none" else "")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype)
-    quantization.quantize_model(model, config.quantization, device)
+    with prequantized.loading(AutoConfig.from_pretrained(path)) as extra:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype, **extra)
+    if extra:
+        prequantized.settle_dtypes(model, dtype)
+    quantization.quantize_model(model, method, device)
     model = model.to(device).eval()
     text_config = model.config.get_text_config()
     max_len = text_config.max_position_embeddings
@@ -169,7 +171,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         vocab_size=text_config.vocab_size,
         max_model_len=max_len,
         defaults=checkpoint_defaults(model, tokenizer),
-        quantization=config.quantization,
+        quantization=method,
         kv_budget=budget,
         plan=plan,
     )
