@@ -11,8 +11,9 @@ decompresses them), then quantizes the model again with torchao in the checkpoin
 (engine/quantization.py):
 
 - 8-bit float weights -> `fp8`; per-channel ones come back to the same values.
-- 8-bit integer weights -> `int8`; but transformers 5.24 cannot dequantize 8-bit integer (int-quantized)
-  experts, so such a load is refused with that reason.
+- 8-bit integer weights -> `int8` (torchao's per-channel scales differ from the checkpoint's by a hair, so
+  weights may move by a step). transformers 5.24 hands back int-quantized experts empty, so Press multiplies
+  their weights by their (per-channel or per-tensor, symmetric) scales itself.
 - 4-bit integer weights -> `int4` (group-wise with zero points: the 4-bit grid is refitted, so weights move by
   up to a step).
 
@@ -80,21 +81,71 @@ def effective_quantization(requested: str, model_config) -> str:
         raise ValueError(f"the checkpoint is quantized with compressed-tensors: {exc}") from None
 
 
-def _split_experts() -> list:
+def _scaled_experts():
+    """A load op for unpacked experts: each expert's quantized `weight` times its `weight_scale` (per output
+    channel or per tensor, symmetric), stacked per projection for the merge that follows."""
+    import torch
+    from transformers.core_model_loading import ConversionOps
+
+    class ScaledExperts(ConversionOps):
+        def convert(self, input_dict, source_patterns, target_patterns, full_layer_name=None, **kwargs):
+            dtype = kwargs["model"].get_parameter(full_layer_name).dtype
+            out = {}
+            for key, weights in input_dict.items():
+                if key.endswith("_scale"):
+                    continue
+                scales = input_dict[f"{key}_scale"]
+                weights = weights if isinstance(weights, list) else [weights]
+                scales = scales if isinstance(scales, list) else [scales]
+                out[key] = torch.stack(
+                    [(w.float() * s.float()).to(dtype) for w, s in zip(weights, scales, strict=True)]
+                )
+            return out
+
+    return ScaledExperts()
+
+
+def _split_experts(own_scales: bool) -> list:
+    """Converters fusing split experts into DiffusionGemma's `experts.gate_up_proj` (gate rows, then up rows) and
+    `experts.down_proj`. transformers' quantizer puts its own dequantize op before these ops, which does FP8
+    and packed 4-bit experts; int-quantized ones it hands back empty, so with `own_scales` Press's op multiplies
+    each `weight` by its `weight_scale` first, and listing the scales among the sources keeps the quantizer
+    from wrapping those converters."""
     from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
+    def sources(*projections: str) -> list[str]:
+        names = ("weight", "weight_scale") if own_scales else ("weight",)
+        return [f"experts.*.{p}.{n}" for p in projections for n in names]
+
+    first = [_scaled_experts()] if own_scales else []
     return [
         WeightConverter(
-            source_patterns=["experts.*.gate_proj.weight", "experts.*.up_proj.weight"],
+            source_patterns=sources("gate_proj", "up_proj"),
             target_patterns="experts.gate_up_proj",
-            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
+            operations=[*first, MergeModulelist(dim=0), Concatenate(dim=1)],
         ),
         WeightConverter(
-            source_patterns="experts.*.down_proj.weight",
+            source_patterns=sources("down_proj"),
             target_patterns="experts.down_proj",
-            operations=[MergeModulelist(dim=0)],
+            operations=[*first, MergeModulelist(dim=0)],
         ),
     ]
+
+
+def _check_int_scales(qc) -> None:
+    """ValueError unless every int-quantized weight scheme has symmetric per-channel or per-tensor scales (the
+    ones Press's op multiplies out: no zero points, no groups)."""
+    for group in (_field(qc, "config_groups") or {}).values():
+        weights = _field(group, "weights")
+        if weights is None:
+            continue
+        strategy = str(_field(weights, "strategy")).split(".")[-1].lower()
+        symmetric = bool(_field(weights, "symmetric"))
+        if strategy not in ("channel", "tensor") or not symmetric:
+            raise ValueError(
+                f"compressed-tensors int-quantized weights with {'' if symmetric else 'asymmetric '}{strategy} "
+                "scales are not supported (symmetric per-channel or per-tensor ones are)"
+            )
 
 
 @contextmanager
@@ -118,8 +169,12 @@ def loading(model_config) -> Iterator[dict]:
                          f"or newer: {exc}") from None  # fmt: skip
     import transformers
 
+    qc = compressed_tensors_config(model_config)
+    own_scales = _field(qc, "format") == "int-quantized"
+    if own_scales:
+        _check_int_scales(qc)
     previous = get_checkpoint_conversion_mapping(MODEL_TYPE) or []
-    register_checkpoint_conversion_mapping(MODEL_TYPE, [*previous, *_split_experts()], overwrite=True)
+    register_checkpoint_conversion_mapping(MODEL_TYPE, [*previous, *_split_experts(own_scales)], overwrite=True)
     try:
         with warnings.catch_warnings():  # transformers warns that it merges this with config.json's: that is the aim
             warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
@@ -127,12 +182,9 @@ def loading(model_config) -> Iterator[dict]:
     except RuntimeError as exc:
         if "conversion" not in str(exc):
             raise
-        # transformers 5.24 dequantizes FP8 (float-quantized) and packed 4-bit (pack-quantized) experts; 8-bit
-        # integer ones (int-quantized) reach its packed path and come back empty.
-        fmt = _field(compressed_tensors_config(model_config), "format")
         raise ValueError(
-            f"transformers {transformers.__version__} could not dequantize this compressed-tensors checkpoint "
-            f"({fmt}) into DiffusionGemma's fused experts (it does float-quantized and pack-quantized ones): {exc}"
+            f"transformers {transformers.__version__} could not convert this compressed-tensors checkpoint "
+            f"({_field(qc, 'format')}) into DiffusionGemma's weights: {exc}"
         ) from None
     finally:
         register_checkpoint_conversion_mapping(MODEL_TYPE, previous, overwrite=True)

@@ -5,6 +5,7 @@ scales) by compressed-tensors' own compressor, then served by Press in the check
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import subprocess
 import sys
@@ -132,19 +133,37 @@ def test_an_fp8_checkpoint_serves_exactly_like_fp8_at_load(checkpoints):
     assert not get_checkpoint_conversion_mapping("diffusion_gemma")
 
 
-def test_a_4bit_checkpoint_serves_as_int4_and_answers_like_full_precision(checkpoints):
-    engine = LLMEngine(EngineConfig(compile=False, model=str(checkpoints["int4"]), max_num_seqs=16))
-    assert engine.loaded.quantization == "int4" and engine.loaded.dtype == torch.bfloat16
+@pytest.mark.parametrize(
+    ("checkpoint", "dtype"),
+    [
+        ("int4", torch.bfloat16),  # pack-quantized W4A16 experts: unpacked by transformers
+        ("int8", torch.float32),  # int-quantized W8A8 experts: transformers hands them back empty, Press scales them
+    ],
+)
+def test_an_integer_checkpoint_serves_in_its_format_and_answers_like_full_precision(checkpoints, checkpoint, dtype):
+    engine = LLMEngine(EngineConfig(compile=False, model=str(checkpoints[checkpoint]), max_num_seqs=16))
+    assert engine.loaded.quantization == checkpoint and engine.loaded.dtype == dtype
     answers, full = _answers(engine), _answers(_sudoku_engine("none"))
     same = sum(a == b for x, y in zip(answers, full, strict=True) for a, b in zip(x, y, strict=False))
-    total = sum(max(len(x), len(y)) for x, y in zip(answers, full, strict=True))
-    print(f"w4a16 checkpoint as int4: {same / total:.3f} of answer tokens equal to full precision")
-    assert same / total >= MIN_AGREEMENT["int4"]
+    agreement = same / sum(max(len(x), len(y)) for x, y in zip(answers, full, strict=True))
+    print(f"{checkpoint} checkpoint: {agreement:.3f} of answer tokens equal to full precision")
+    assert agreement >= MIN_AGREEMENT[checkpoint]
 
 
-def test_an_int8_checkpoint_that_transformers_cannot_dequantize_is_refused_with_the_reason(checkpoints):
-    with pytest.raises(ValueError, match=r"could not dequantize .*\(int-quantized\)"):
-        LLMEngine(EngineConfig(compile=False, model=str(checkpoints["int8"])))
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [({"symmetric": False}, "asymmetric channel"), ({"strategy": "group", "group_size": 32}, "group")],
+)
+def test_int8_experts_with_zero_points_or_groups_are_refused(checkpoints, tmp_path, change, named):
+    """Press's op multiplies by one scale per channel or tensor: other int8 schemes are refused before loading."""
+    config = json.loads((checkpoints["int8"] / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(change)
+    for f in checkpoints["int8"].iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"int-quantized weights with {named} scales are not supported"):
+        LLMEngine(EngineConfig(compile=False, model=str(tmp_path)))
 
 
 def test_plan_and_server_take_the_checkpoints_format(checkpoints):
