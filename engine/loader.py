@@ -114,20 +114,26 @@ def wrap_model(
     )
 
 
-def plan_memory(config: EngineConfig, path: str, device: torch.device, report: bool = True) -> tuple[MemoryPlan, int]:
-    """The memory plan of these settings from config.json, and the KV budget they leave; ValueError (with the
-    plan's arithmetic) when they cannot fit the device, before any weight is read. The plan also fixes the
-    weights' format (--quantization, or a compressed-tensors checkpoint's own: engine/prequantized.py) and the
-    activations' dtype. `report`: log the plan (the loader does; `press serve`'s check before loading does not,
-    so it is logged once)."""
-    quantization.check_method(config.quantization, device)
-    model_config = AutoConfig.from_pretrained(path)
+def settings_plan(config: EngineConfig, model_config, device: torch.device) -> MemoryPlan:
+    """The memory plan of these settings for a model's config: the weights' format (--quantization, or a
+    compressed-tensors checkpoint's own: engine/prequantized.py) and the activations' dtype fixed, nothing checked
+    against the device (`press plan` plans for a device it may not have)."""
     method = prequantized.effective_quantization(config.quantization, model_config)
-    quantization.check_method(method, device)
+    quantization.check_name(method)
     dtype = resolve_dtype(config.dtype, device, method)
-    if method == "int4" and device.type == "cuda" and dtype != torch.bfloat16:
+    return build_plan(model_config, dtype, method, device.type, name=config.model)
+
+
+def plan_memory(
+    config: EngineConfig, model_config, device: torch.device, report: bool = True
+) -> tuple[MemoryPlan, int]:
+    """The memory plan of these settings and the KV budget they leave; ValueError (with the plan's arithmetic)
+    when the device cannot run the weights' format or they cannot fit it, before any weight is read. `report`:
+    log the plan (the loader does; `press serve`'s check before loading does not, so it is logged once)."""
+    plan = settings_plan(config, model_config, device)
+    quantization.check_method(plan.quantization, device)
+    if plan.quantization == "int4" and device.type == "cuda" and plan.dtype != torch.bfloat16:
         raise ValueError("int4 on CUDA runs tinygemm kernels, which need --dtype bfloat16")
-    plan = build_plan(model_config, dtype, method, device.type, name=config.model)
     memory = parse_size(config.gpu_memory) if config.gpu_memory else device_memory(device)
     max_len = model_config.get_text_config().max_position_embeddings
     max_len = min(max_len, config.max_model_len) if config.max_model_len is not None else max_len
@@ -146,12 +152,13 @@ def plan_memory(config: EngineConfig, path: str, device: torch.device, report: b
 def load_model(config: EngineConfig) -> LoadedModel:
     device = resolve_device(config.device)
     path = resolve_model_path(config.model, config.cache_dir)
-    plan, budget = plan_memory(config, path, device)
+    model_config = AutoConfig.from_pretrained(path)
+    plan, budget = plan_memory(config, model_config, device)
     dtype, method = plan.dtype, plan.quantization
     log.info("loading %s on %s (%s%s)", path, device, dtype,
              f", {method} weights" if method != "none" else "")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(path)
-    with prequantized.loading(AutoConfig.from_pretrained(path)) as extra:
+    with prequantized.loading(model_config) as extra:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype, **extra)
     if extra:
         prequantized.settle_dtypes(model, dtype)

@@ -42,7 +42,8 @@ def compressed_tensors_config(model_config) -> Any | None:
 
 
 def checkpoint_format(qc) -> str:
-    """The Press format matching a compressed-tensors config's weight schemes; ValueError if there is none."""
+    """The Press format matching a compressed-tensors config's weight schemes; ValueError if there is none, or
+    if Press cannot apply its scales."""
     groups = _field(qc, "config_groups") or {}
     found = set()
     for group in groups.values():
@@ -56,6 +57,8 @@ def checkpoint_format(qc) -> str:
                 "fp8); choose one with --quantization"
             )
         found.add(FORMATS[kind])
+    if _field(qc, "format") == "int-quantized":
+        _check_int_scales(qc)
     if len(found) != 1:
         raise ValueError(f"compressed-tensors checkpoint with weight formats {sorted(found) or 'none'}; choose one "
                          "with --quantization")  # fmt: skip

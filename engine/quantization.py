@@ -52,10 +52,14 @@ def quantizable(method: str, out_features: int, in_features: int) -> bool:
     return True
 
 
-def check_method(method: str, device: torch.device) -> None:
-    """Refuse a format the device cannot run, before anything is loaded."""
+def check_name(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def check_method(method: str, device: torch.device) -> None:
+    """Refuse a format the device cannot run, before anything is loaded."""
+    check_name(method)
     if device.type == "cuda" and method in ("int4", "fp8"):
         major, minor = torch.cuda.get_device_capability(device)
         need = (8, 0) if method == "int4" else (8, 9)

@@ -83,6 +83,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def serve(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
     from engine.loader import plan_memory, resolve_device, resolve_model_path
     from server.app import create_app
     from server.shutdown import run_server
@@ -98,7 +100,8 @@ def serve(args: argparse.Namespace) -> None:
     config = settings.engine
     try:  # refuse settings that cannot fit before anything loads (engine/memory_plan.py)
         device = resolve_device(config.device)
-        plan_memory(config, resolve_model_path(config.model, config.cache_dir), device, report=False)
+        model_config = AutoConfig.from_pretrained(resolve_model_path(config.model, config.cache_dir))
+        plan_memory(config, model_config, device, report=False)
     except ValueError as exc:
         raise SystemExit(f"press serve: {exc}") from None
     except Exception:  # no readable config.json (a missing model): the server starts and reports it (503)
@@ -110,16 +113,12 @@ def plan(args: argparse.Namespace) -> None:
     """`press plan`: the memory a model needs under these settings, from its config.json alone."""
     import torch
 
-    from engine.loader import resolve_dtype
-    from engine.memory_plan import build_plan, describe, device_memory, load_config, parse_size
-    from engine.prequantized import effective_quantization
+    from engine.loader import settings_plan
+    from engine.memory_plan import describe, device_memory, load_config, parse_size
 
     config = load_settings(args).engine
     device = torch.device(args.plan_device)
-    model_config = load_config(config.model, config.cache_dir)
-    method = effective_quantization(config.quantization, model_config)
-    dtype = resolve_dtype(config.dtype, device, method)
-    memory_plan = build_plan(model_config, dtype, method, device.type, name=config.model)
+    memory_plan = settings_plan(config, load_config(config.model, config.cache_dir), device)
     max_len = min(config.max_model_len or memory_plan.context_limit, memory_plan.context_limit)
     memory = parse_size(config.gpu_memory) if config.gpu_memory else None
     if memory is None and (device.type == "cpu" or torch.cuda.is_available()):
