@@ -3,11 +3,13 @@
 Both run on the same weights in the same process. transformers runs first, on the stock model; then the
 engine with stock kernels; then the engine with compiled passes (engine/compiled.py; its startup compile is
 timed); then the engine with its batch-invariant kernels (installed into the model), each with its
-batch-invariance rate (--kernels picks modes). Random weights never get confident, so every canvas runs all
-its passes and pass time = canvas time / passes.
+batch-invariance rate (--kernels picks modes). With --interleave, transformers and the stock and compiled
+engines take turns instead, canvas by canvas, so their ratios see the same load on a shared machine. Random
+weights never get confident, so every canvas runs all its passes and pass time = canvas time / passes.
 
     python bench/engine.py --size tiny            # CPU, the built-in tiny-random model
     python bench/engine.py --size full            # GPU: full-size random DiffusionGemma-26B-A4B (bf16)
+    python bench/engine.py --size tiny --kernels stock,compiled --interleave   # a shared CPU
 
 Prints a markdown table and writes JSON + the table to bench/results/.
 """
@@ -21,6 +23,7 @@ import re
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # This file is bench/engine.py: drop bench/ from the import path so `engine` is the package, not this script.
@@ -74,20 +77,30 @@ def build(size: str, dev: torch.device):
     return model, tokenizer, 512, 256
 
 
-def time_hf(model, batch: int, prompt_len: int, canvas: int, steps: int, dev: torch.device, repeats: int) -> float:
-    """Best of `repeats` timed runs (after a warm-up) of one canvas at this batch size."""
+def hf_canvas(model, batch: int, prompt_len: int, canvas: int, steps: int, dev: torch.device) -> Callable[[], float]:
+    """One timed canvas of transformers' generate() at this batch size, in seconds, per call."""
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(10, vocab, (batch, prompt_len), device=dev)
     kw = dict(max_new_tokens=canvas, max_denoising_steps=steps, stability_threshold=1, confidence_threshold=1e-9)
-    model.generate(ids, **kw)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
+
+    def one_canvas() -> float:
         sync(dev)
         t = time.perf_counter()
         model.generate(ids, **kw)
         sync(dev)
-        best = min(best, time.perf_counter() - t)
-    return best
+        return time.perf_counter() - t
+
+    return one_canvas
+
+
+def best_of(one_canvas: Callable[[], float], repeats: int) -> float:
+    """The best of `repeats` timed canvases, after a warm-up one."""
+    one_canvas()
+    return min(one_canvas() for _ in range(repeats))
+
+
+def time_hf(model, batch: int, prompt_len: int, canvas: int, steps: int, dev: torch.device, repeats: int) -> float:
+    return best_of(hf_canvas(model, batch, prompt_len, canvas, steps, dev), repeats)
 
 
 def add_canvas(engine: LLMEngine, batch: int, prompt_len: int, canvas: int, steps: int) -> None:
@@ -102,10 +115,10 @@ def add_canvas(engine: LLMEngine, batch: int, prompt_len: int, canvas: int, step
         engine.add_request(engine.make_request(prompt, params.with_changes(seed=i)))
 
 
-def time_engine(
-    engine: LLMEngine, batch: int, prompt_len: int, canvas: int, steps: int, dev: torch.device, repeats: int
-) -> float:
-    """Best of `repeats` timed canvases (after a warm-up), measured like time_hf."""
+def engine_canvas(
+    engine: LLMEngine, batch: int, prompt_len: int, canvas: int, steps: int, dev: torch.device
+) -> Callable[[], float]:
+    """One timed canvas of the engine at this batch size, measured like hf_canvas, per call."""
 
     def one_canvas() -> float:
         add_canvas(engine, batch, prompt_len, canvas, steps)
@@ -116,8 +129,25 @@ def time_engine(
         sync(dev)
         return time.perf_counter() - t
 
-    one_canvas()  # warm-up
-    return min(one_canvas() for _ in range(repeats))
+    return one_canvas
+
+
+def time_engine(
+    engine: LLMEngine, batch: int, prompt_len: int, canvas: int, steps: int, dev: torch.device, repeats: int
+) -> float:
+    return best_of(engine_canvas(engine, batch, prompt_len, canvas, steps, dev), repeats)
+
+
+def time_interleaved(runners: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Best of `repeats` canvases per runner, taking turns (after a warm-up canvas each): a slow spell of a
+    shared machine then falls on every runner alike instead of on whichever ran during it."""
+    for one_canvas in runners.values():
+        one_canvas()
+    best = dict.fromkeys(runners, float("inf"))
+    for _ in range(repeats):
+        for name, one_canvas in runners.items():
+            best[name] = min(best[name], one_canvas())
+    return best
 
 
 def invariance_rate(engine: LLMEngine, batch: int, prompt_len: int, canvas: int, steps: int) -> dict:
@@ -253,6 +283,21 @@ MODES = {
 }
 
 
+def start_engine(mode: str, model, tokenizer, max_rows: int) -> tuple[LLMEngine, float]:
+    """The engine in this mode on the shared weights, and its startup time (the compile, in compiled mode)."""
+    start = time.perf_counter()
+    engine = LLMEngine(EngineConfig(max_num_seqs=max_rows, **MODES[mode]), loaded=wrap_model(model, tokenizer))
+    startup_s = time.perf_counter() - start
+    if mode == "compiled":
+        print(f"compiled startup {startup_s:.1f} s", flush=True)
+    return engine, startup_s
+
+
+def pass_figures(key: str, batch: int, canvas: int, seconds: float, steps: int) -> dict:
+    """A canvas's time as the table's pass time and canvas tokens per second."""
+    return {f"{key}_pass_ms": seconds / steps * 1e3, f"{key}_canvas_tokens_per_s": batch * canvas / seconds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
@@ -278,6 +323,12 @@ def main() -> None:
         help="comma-separated Press modes (or all) to profile after timing: one canvas at the smallest batch, "
         "where a pass's time goes",
     )
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time transformers and the stock and compiled engines taking turns, canvas by canvas (a shared "
+        "machine's slow spells then fall on all of them alike); peak memory is then the peak of all of them",
+    )
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     # As `press serve` does, and before anything runs: transformers and Press then time under the same
@@ -290,29 +341,41 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     modes = list(MODES) if args.kernels == "all" else [m for m in MODES if m in args.kernels.split(",")]
     profiled = modes if args.profile == "all" else args.profile.split(",")
-    hf = {}
+    # --interleave: the stock and compiled engines are built first and take turns with transformers, canvas by
+    # canvas; the batch-invariant mode (it swaps the model's kernels) still runs after them.
+    engines, compile_s = {}, None
+    for mode in [m for m in modes if m != "batch-invariant"] if args.interleave else []:
+        engines[mode], startup_s = start_engine(mode, model, tokenizer, max(batches))
+        compile_s = startup_s if mode == "compiled" else compile_s
+    rows = []
     for b in batches:  # progress lines, so a run cut off at its time limit still reports what it measured
-        hf[b] = time_hf(model, b, prompt_len, canvas, args.steps, dev, args.repeats)
-        print(f"transformers batch {b}: {hf[b] / args.steps * 1e3:.1f} ms per pass", flush=True)
-    rows = [
-        {"batch": b, "hf_pass_ms": hf[b] / args.steps * 1e3, "hf_canvas_tokens_per_s": b * canvas / hf[b]}
-        for b in batches
-    ]
-    invariance, compile_s, profiles = {}, None, {}
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        runners = {"transformers": hf_canvas(model, b, prompt_len, canvas, args.steps, dev)}
+        runners |= {m: engine_canvas(e, b, prompt_len, canvas, args.steps, dev) for m, e in engines.items()}
+        best = time_interleaved(runners, args.repeats)
+        row = {"batch": b}
+        for name, seconds in best.items():
+            key = "hf" if name == "transformers" else name
+            row |= pass_figures(key, b, canvas, seconds, args.steps)
+            if name != "transformers":
+                row[f"{name}_peak_memory_gb"] = peak_gb(dev)  # interleaved: the peak of all of them
+            print(f"{name} batch {b}: {row[f'{key}_pass_ms']:.1f} ms per pass", flush=True)
+        rows.append(row)
+    invariance, profiles = {}, {}
     for mode in modes:
-        start = time.perf_counter()
-        engine = LLMEngine(EngineConfig(max_num_seqs=max(batches), **MODES[mode]), loaded=wrap_model(model, tokenizer))
-        if mode == "compiled":
-            compile_s = time.perf_counter() - start
-            print(f"compiled startup {compile_s:.1f} s", flush=True)
-        for row in rows:
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            seconds = time_engine(engine, row["batch"], prompt_len, canvas, args.steps, dev, args.repeats)
-            row[f"{mode}_pass_ms"] = seconds / args.steps * 1e3
-            row[f"{mode}_canvas_tokens_per_s"] = row["batch"] * canvas / seconds
-            row[f"{mode}_peak_memory_gb"] = peak_gb(dev)
-            print(f"{mode} batch {row['batch']}: {row[f'{mode}_pass_ms']:.1f} ms per pass", flush=True)
+        if mode in engines:
+            engine = engines.pop(mode)
+        else:
+            engine, startup_s = start_engine(mode, model, tokenizer, max(batches))
+            compile_s = startup_s if mode == "compiled" else compile_s
+            for row in rows:
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                seconds = time_engine(engine, row["batch"], prompt_len, canvas, args.steps, dev, args.repeats)
+                row |= pass_figures(mode, row["batch"], canvas, seconds, args.steps)
+                row[f"{mode}_peak_memory_gb"] = peak_gb(dev)
+                print(f"{mode} batch {row['batch']}: {row[f'{mode}_pass_ms']:.1f} ms per pass", flush=True)
         if mode in profiled:
             profiles[mode] = profile_engine(engine, batches[0], prompt_len, canvas, args.steps, dev)
             print(render_profile(mode, profiles[mode]), flush=True)
@@ -334,6 +397,7 @@ def main() -> None:
                 "size": args.size,
                 "steps": args.steps,
                 "repeats": args.repeats,
+                "interleaved": args.interleave,
                 "prompt_len": prompt_len,
                 "canvas": canvas,
                 "rows": rows,
@@ -347,6 +411,9 @@ def main() -> None:
     (out / f"{tag}.md").write_text(table + "\n")
 
 
+TURNS = " (transformers, stock and compiled taking turns; peak GB: the peak of all three)"
+
+
 def render(
     args, dev, prompt_len: int, canvas: int, modes: list[str], rows: list[dict], invariance: dict, compile_s
 ) -> str:
@@ -357,7 +424,7 @@ def render(
         head += [f"Press {mode} pass ms", "vs transformers", "vs batch 1", "canvas tok/s", "peak GB"]
     lines = [
         f"Engine pass time, {args.size} model, prompt {prompt_len}, canvas {canvas}, {args.steps} passes per canvas, "
-        f"best of {args.repeats} — {device_name(dev)}, torch {torch.__version__}",
+        f"best of {args.repeats}{TURNS if args.interleave else ''} — {device_name(dev)}, torch {torch.__version__}",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
