@@ -99,10 +99,6 @@ def best_of(one_canvas: Callable[[], float], repeats: int) -> float:
     return min(one_canvas() for _ in range(repeats))
 
 
-def time_hf(model, batch: int, prompt_len: int, canvas: int, steps: int, dev: torch.device, repeats: int) -> float:
-    return best_of(hf_canvas(model, batch, prompt_len, canvas, steps, dev), repeats)
-
-
 def add_canvas(engine: LLMEngine, batch: int, prompt_len: int, canvas: int, steps: int) -> None:
     """Queue one canvas of `batch` seeded rows with random prompts; random weights never get confident, so it
     runs all `steps` passes."""
@@ -293,9 +289,15 @@ def start_engine(mode: str, model, tokenizer, max_rows: int) -> tuple[LLMEngine,
     return engine, startup_s
 
 
-def pass_figures(key: str, batch: int, canvas: int, seconds: float, steps: int) -> dict:
-    """A canvas's time as the table's pass time and canvas tokens per second."""
-    return {f"{key}_pass_ms": seconds / steps * 1e3, f"{key}_canvas_tokens_per_s": batch * canvas / seconds}
+def record(row: dict, name: str, seconds: float, canvas: int, steps: int, dev: torch.device) -> None:
+    """A canvas's time into the table's row as pass time and canvas tokens per second (and an engine's peak
+    memory), with a progress line, so a run cut off at its time limit still reports what it measured."""
+    key = "hf" if name == "transformers" else name
+    row[f"{key}_pass_ms"] = seconds / steps * 1e3
+    row[f"{key}_canvas_tokens_per_s"] = row["batch"] * canvas / seconds
+    if name != "transformers":
+        row[f"{name}_peak_memory_gb"] = peak_gb(dev)  # interleaved: the peak of all of them
+    print(f"{name} batch {row['batch']}: {row[f'{key}_pass_ms']:.1f} ms per pass", flush=True)
 
 
 def main() -> None:
@@ -348,20 +350,14 @@ def main() -> None:
         engines[mode], startup_s = start_engine(mode, model, tokenizer, max(batches))
         compile_s = startup_s if mode == "compiled" else compile_s
     rows = []
-    for b in batches:  # progress lines, so a run cut off at its time limit still reports what it measured
+    for b in batches:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         runners = {"transformers": hf_canvas(model, b, prompt_len, canvas, args.steps, dev)}
         runners |= {m: engine_canvas(e, b, prompt_len, canvas, args.steps, dev) for m, e in engines.items()}
-        best = time_interleaved(runners, args.repeats)
-        row = {"batch": b}
-        for name, seconds in best.items():
-            key = "hf" if name == "transformers" else name
-            row |= pass_figures(key, b, canvas, seconds, args.steps)
-            if name != "transformers":
-                row[f"{name}_peak_memory_gb"] = peak_gb(dev)  # interleaved: the peak of all of them
-            print(f"{name} batch {b}: {row[f'{key}_pass_ms']:.1f} ms per pass", flush=True)
-        rows.append(row)
+        rows.append({"batch": b})
+        for name, seconds in time_interleaved(runners, args.repeats).items():
+            record(rows[-1], name, seconds, canvas, args.steps, dev)
     invariance, profiles = {}, {}
     for mode in modes:
         if mode in engines:
@@ -373,9 +369,7 @@ def main() -> None:
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 seconds = time_engine(engine, row["batch"], prompt_len, canvas, args.steps, dev, args.repeats)
-                row |= pass_figures(mode, row["batch"], canvas, seconds, args.steps)
-                row[f"{mode}_peak_memory_gb"] = peak_gb(dev)
-                print(f"{mode} batch {row['batch']}: {row[f'{mode}_pass_ms']:.1f} ms per pass", flush=True)
+                record(row, mode, seconds, canvas, args.steps, dev)
         if mode in profiled:
             profiles[mode] = profile_engine(engine, batches[0], prompt_len, canvas, args.steps, dev)
             print(render_profile(mode, profiles[mode]), flush=True)

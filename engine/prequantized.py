@@ -42,8 +42,7 @@ def compressed_tensors_config(model_config) -> Any | None:
 
 
 def checkpoint_format(qc) -> str:
-    """The Press format matching a compressed-tensors config's weight schemes; ValueError if there is none, or
-    if Press cannot apply its scales."""
+    """The Press format matching a compressed-tensors config's weight schemes; ValueError if there is none."""
     groups = _field(qc, "config_groups") or {}
     found = set()
     for group in groups.values():
@@ -57,8 +56,6 @@ def checkpoint_format(qc) -> str:
                 "fp8); choose one with --quantization"
             )
         found.add(FORMATS[kind])
-    if _field(qc, "format") == "int-quantized":
-        _check_int_scales(qc)
     if len(found) != 1:
         raise ValueError(f"compressed-tensors checkpoint with weight formats {sorted(found) or 'none'}; choose one "
                          "with --quantization")  # fmt: skip
@@ -76,10 +73,10 @@ def effective_quantization(requested: str, model_config) -> str:
         if requested != "none":
             raise ValueError(f"the checkpoint is already quantized ({_field(qc, 'quant_method')}); drop --quantization")
         return requested
-    if requested != "none":
-        return requested
     try:
-        return checkpoint_format(qc)
+        if _field(qc, "format") == "int-quantized":  # whatever it is served as, Press dequantizes its experts
+            _check_int_scales(qc)
+        return requested if requested != "none" else checkpoint_format(qc)
     except ValueError as exc:
         raise ValueError(f"the checkpoint is quantized with compressed-tensors: {exc}") from None
 
@@ -173,9 +170,7 @@ def loading(model_config) -> Iterator[dict]:
     import transformers
 
     qc = compressed_tensors_config(model_config)
-    own_scales = _field(qc, "format") == "int-quantized"
-    if own_scales:
-        _check_int_scales(qc)
+    own_scales = _field(qc, "format") == "int-quantized"  # its scales checked by effective_quantization
     previous = get_checkpoint_conversion_mapping(MODEL_TYPE) or []
     register_checkpoint_conversion_mapping(MODEL_TYPE, [*previous, *_split_experts(own_scales)], overwrite=True)
     try:
