@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import batch_sampler, denoise, verify
+from engine.compiled import history_depth
 from engine.config import EngineConfig
 from engine.constraints import CanvasConstraints
 from engine.detokenizer import TextStream
@@ -331,7 +332,7 @@ class LLMEngine:
         pad = bucket - n
         greedy = [s.params.greedy for s in rows]
         draws = batch_sampler.draw(compiled.draws(bucket), [s.generator for s in rows], greedy, self.vocab_size)
-        depth = max(s.history.shape[0] for s in rows)
+        depth = history_depth(max(s.history.shape[0] for s in rows))
         history = torch.full((bucket, depth, self.canvas_length), -1, dtype=torch.long, device=device)
         valid = torch.zeros((bucket, depth), dtype=torch.bool, device=device)
         for i, s in enumerate(rows):  # a row's own threshold looks at the last of the `depth` canvases

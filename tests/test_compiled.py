@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import batch_sampler, denoise
+from engine.compiled import history_depth
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -17,14 +18,19 @@ from tests.helpers import run_to_end
 BUCKETS = 2  # max_num_seqs of the compiled engine: buckets 1 and 2, so a 2-row pass pads nothing and 1 row pads
 
 
+# Without a prefix cache: a prompt met again would restore its prefix and encode only the rest, in GEMMs of
+# other shapes than the first time (README, Prefix cache), which these tests do not compare.
 @pytest.fixture(scope="module")
 def compiled(tiny_path):
-    return LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=BUCKETS, compile=True))
+    return LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=BUCKETS, compile=True, prefix_cache_tokens=0))
 
 
 @pytest.fixture(scope="module")
 def eager(tiny_path):
-    return LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=BUCKETS, compile=False, batch_invariant=False))
+    return LLMEngine(
+        EngineConfig(model=str(tiny_path), max_num_seqs=BUCKETS, compile=False, batch_invariant=False,
+                     prefix_cache_tokens=0)
+    )  # fmt: skip
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -116,6 +122,7 @@ CASES = [
     ("sampled-two-canvases", dict(seed=4, max_tokens=60)),
     ("hot-wide-bound", dict(seed=5, entropy_bound=5.0, t_min=0.9, t_max=1.4)),
     ("stability-2", dict(seed=6, stability_threshold=2, confidence_threshold=10.0)),
+    ("stability-3", dict(seed=7, stability_threshold=3, confidence_threshold=10.0)),  # a history depth of 4
 ]
 
 
@@ -126,11 +133,42 @@ def test_seeded_answers_match_the_eager_engine(compiled, eager):
     requests = [(_prompt(20 + 9 * i, i), base.with_changes(**kw)) for i, (_, kw) in enumerate(CASES)]
     for req in requests:
         assert run_to_end(compiled, [req])[0]["answer_ids"] == run_to_end(eager, [req])[0]["answer_ids"]
-    pairs = [requests[:2], requests[2:4]]
+    pairs = [requests[:2], requests[2:4], requests[4:6]]
     for pair in pairs:
         assert [r["answer_ids"] for r in run_to_end(compiled, pair)] == [
             r["answer_ids"] for r in run_to_end(eager, pair)
         ]
+
+
+def test_sampler_graphs_take_history_depths_in_powers_of_two():
+    """Stability thresholds 0..1024 (the API's range) make at most 12 sampler graphs per bucket."""
+    depths = {history_depth(t) for t in range(1025)}
+    assert sorted(depths) == [0] + [2**k for k in range(11)]
+    assert all(history_depth(t) >= t for t in range(1025))
+
+
+def test_a_second_compiled_engine_computes_with_its_own_current_weights(compiled, tiny_path):
+    """Precompiled graphs run without guards, so they must not be shared across engines nor bake in weights: a
+    second compiled engine whose weights then change answers with the new weights (its eager pass's logits), and
+    the first engine's logits stay its own."""
+    other = LLMEngine(EngineConfig(model=str(tiny_path), max_num_seqs=1, compile=True))
+    with torch.no_grad():
+        for param in other.runner.model.parameters():
+            param.mul_(1.5)
+    params = SamplingParams(max_tokens=32, denoising_steps=8, eos_token_ids=[])
+    ours, theirs = _prefilled(other, [_prompt(40, 1)], params), _prefilled(compiled, [_prompt(40, 1)], params)
+    try:
+        got, first = other.runner.denoise_logits(ours), compiled.runner.denoise_logits(theirs)
+        graphs, other.runner.compiled = other.runner.compiled, None
+        want = other.runner.denoise_logits(ours)  # eager, on the changed weights
+        other.runner.compiled = graphs
+        assert (got - want).abs().max().item() < 1e-4
+        assert (got - first).abs().max().item() > 1e-2
+    finally:
+        for engine, states in ((other, ours), (compiled, theirs)):
+            for s in states:
+                engine.scheduler.finish(s)
+            engine.runner.release_prefix()
 
 
 def test_rows_needing_their_own_processing_share_a_compiled_pass(compiled, tiny_path):
