@@ -22,25 +22,34 @@ from engine import denoise
 
 @dataclass
 class Draws:
-    """One pass's random inputs for a batch: the Exp(1) race of every position and token (ones for greedy rows,
-    which draw nothing for their proposal) and the ids that renoise rejected positions."""
+    """One pass's random inputs for a batch: the Exp(1) race of every position and token and the ids that renoise
+    rejected positions. On CPU the race is held as the float64 uniforms u the CPU kernel draws (Exp(1) =
+    -log1p(-u), which the graph computes, fused into the proposal); greedy rows draw nothing for their proposal,
+    so their race is whatever the buffer holds and goes unused."""
 
-    race: torch.Tensor  # (rows, canvas, vocab) float32
+    race: torch.Tensor  # (rows, canvas, vocab): float64 uniforms on CPU, float32 Exp(1) draws elsewhere
     noise: torch.Tensor  # (rows, canvas) int64
+
+    @classmethod
+    def empty(cls, rows: int, canvas: int, vocab_size: int, device: torch.device) -> Draws:
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        return cls(
+            race=torch.full((rows, canvas, vocab_size), 0.5, dtype=dtype, device=device),
+            noise=torch.zeros((rows, canvas), dtype=torch.long, device=device),
+        )
 
 
 def draw(draws: Draws, generators: list[torch.Generator | None], greedy: list[bool], vocab_size: int) -> Draws:
-    """Fill `draws` row by row from each row's own generator, in the eager sampler's order; rows past
-    `len(generators)` (batch padding) keep whatever they hold."""
+    """Fill `draws` row by row from each row's own generator, in the eager sampler's order (the same numbers as
+    `denoise.exponential_draws`); rows past `len(generators)` (batch padding) keep whatever they hold."""
     canvas = draws.noise.shape[1]
     device = draws.noise.device
     for i, (generator, is_greedy) in enumerate(zip(generators, greedy, strict=True)):
-        if is_greedy:
-            draws.race[i].fill_(1.0)
-        elif device.type == "cpu":
-            draws.race[i].copy_(denoise.exponential_draws(draws.race.shape[1:], generator, device))
-        else:
-            draws.race[i].exponential_(1, generator=generator)
+        if not is_greedy:
+            if draws.race.dtype == torch.float64:
+                draws.race[i].uniform_(generator=generator)
+            else:
+                draws.race[i].exponential_(1, generator=generator)
         draws.noise[i] = denoise.random_canvas(canvas, vocab_size, generator, device)
     return draws
 
@@ -60,13 +69,15 @@ def sample_batch(
     """One pass for `rows` canvases at once.
 
     logits (rows, canvas, vocab) fp32; temperature, entropy_bound, confidence_threshold (rows,) fp32; greedy
-    (rows,) bool; race and noise from `draw`; history (rows, S, canvas) int64, the last S argmax canvases,
+    (rows,) bool; race and noise from `draw` (`Draws`); history (rows, S, canvas) int64, the last S argmax canvases,
     and history_valid (rows, S) bool, which of them a row's own stability threshold looks at (the last ones).
 
     Returns the renoised canvases, the argmax canvases, the accepted masks, the pushed histories, the processed
     logits (kept for self-conditioning, in `sc_dtype`) and per row (accepted count, mean entropy, stable,
     confident) as fp32.
     """
+    if race.dtype == torch.float64:  # CPU uniforms: the Exp(1) race as the CPU kernel makes it
+        race = race.neg().log1p().neg().float()
     x = logits / temperature[:, None, None]
     argmax = x.argmax(dim=-1)
     log_probs = x - x.logsumexp(dim=-1, keepdim=True)

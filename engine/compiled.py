@@ -154,10 +154,7 @@ class CompiledPasses:
 
     def draws(self, bucket: int) -> batch_sampler.Draws:
         if bucket not in self._draws:
-            self._draws[bucket] = batch_sampler.Draws(
-                race=torch.ones((bucket, self.canvas_length, self.vocab_size), device=self.device),
-                noise=torch.zeros((bucket, self.canvas_length), dtype=torch.long, device=self.device),
-            )
+            self._draws[bucket] = batch_sampler.Draws.empty(bucket, self.canvas_length, self.vocab_size, self.device)
         return self._draws[bucket]
 
     def sample(self, logits: torch.Tensor, draws: batch_sampler.Draws, **rows) -> tuple[torch.Tensor, ...]:

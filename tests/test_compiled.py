@@ -51,9 +51,7 @@ def test_batch_sampler_is_the_eager_samplers_math():
     thresholds = torch.tensor([10.0, 10.0, 1e-9])
     seeds = [5, 6, 7]
 
-    draws = batch_sampler.Draws(
-        race=torch.empty(rows, canvas, vocab), noise=torch.empty(rows, canvas, dtype=torch.long)
-    )
+    draws = batch_sampler.Draws.empty(rows, canvas, vocab, torch.device("cpu"))
     batch_sampler.draw(draws, [torch.Generator().manual_seed(s) for s in seeds], greedy, vocab)
     new_canvas, argmax, accepted, new_history, processed, stats = batch_sampler.sample_batch(
         logits, temperature, torch.tensor(greedy), draws.race, draws.noise, bounds, history, valid, thresholds,
