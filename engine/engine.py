@@ -211,11 +211,12 @@ class LLMEngine:
                 continue
             try:
                 if state.cache is None:  # first chunk: start from the longest cached prefix of the prompt
-                    self.metrics.prefix_lookup(len(state.prompt_ids), self.runner.start_cache(state, self.prefix_cache))
-                # Chunks end at multiples of `prefill_chunk` of the prompt, with or without a cached prefix.
-                chunk = min(size - state.cached_len % size, len(state.prompt_ids) - state.cached_len)
-                if state.images is not None:  # never cut an image: its tokens may attend to each other
-                    chunk = state.images.chunk_end(state.cached_len, state.cached_len + chunk) - state.cached_len
+                    # Batch invariance promises the same tokens warm or cold: the restored prefix then ends where
+                    # a cold prefill's chunk ends, so every later chunk has the cold one's shape.
+                    ends = self._chunk_ends(state) if self.runner.batch_invariant else None
+                    hit = self.runner.start_cache(state, self.prefix_cache, ends)
+                    self.metrics.prefix_lookup(len(state.prompt_ids), hit)
+                chunk = self._chunk_end(state, state.cached_len) - state.cached_len
                 if chunk > budget and budget < size:
                     break  # keep FIFO order: the next request waits for the next step
                 budget -= self.runner.prefill(state, chunk)
@@ -227,6 +228,21 @@ class LLMEngine:
             except Exception as exc:  # a bad request must not take the engine down
                 log.exception("prefill failed for %s", state.request_id)
                 self._finish(state, "error", emit, error=str(exc))
+
+    def _chunk_end(self, state: DenoiseState, start: int) -> int:
+        """Where the prefill chunk that starts at `start` ends: at the next multiple of `prefill_chunk` of the
+        prompt (with or without a cached prefix) or the prompt's end, past any image it would cut (an image's
+        tokens may attend to each other)."""
+        size = self.config.prefill_chunk
+        end = min(start - start % size + size, len(state.prompt_ids))
+        return state.images.chunk_end(start, end) if state.images is not None else end
+
+    def _chunk_ends(self, state: DenoiseState) -> list[int]:
+        """Every chunk end of the request's prefill from an empty cache."""
+        ends = [0]
+        while ends[-1] < len(state.prompt_ids):
+            ends.append(self._chunk_end(state, ends[-1]))
+        return ends[1:]
 
     # ----------------------------------------------------------- denoising math
 

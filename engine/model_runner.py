@@ -176,12 +176,17 @@ class ModelRunner:
         images.features = features
 
     @torch.inference_mode()
-    def start_cache(self, state: DenoiseState, prefix_cache: PrefixCache) -> int:
-        """A request's empty encoder cache, holding the longest cached prefix of its prompt; returns how many
-        prompt positions that restored."""
+    def start_cache(self, state: DenoiseState, prefix_cache: PrefixCache, ends: list[int] | None = None) -> int:
+        """A request's empty encoder cache, holding the longest cached prefix of its prompt (with `ends`, the
+        longest that ends at one of those positions); returns how many prompt positions that restored."""
         cache_class = RecordingCache if prefix_cache.enabled else DynamicCache
         state.cache = cache_class(config=self.model.config.get_text_config(decoder=True))
-        state.cached_len = PrefixCache.restore(state.cache, prefix_cache.lookup(state.cache_keys))
+        blocks = prefix_cache.lookup(state.cache_keys)
+        if ends is not None:
+            found = len(blocks) * prefix_cache.block_tokens
+            usable = [e for e in ends if e <= found and e % prefix_cache.block_tokens == 0]
+            blocks = blocks[: max(usable, default=0) // prefix_cache.block_tokens]
+        state.cached_len = PrefixCache.restore(state.cache, blocks)
         state.prefix_hit = state.cached_len
         return state.cached_len
 

@@ -12,7 +12,9 @@ token stands for its image's content hash and its place in the image (engine/ima
 that attend bidirectionally within an image, where a block's keys depend on the rest of its image.
 
 A request reuses the longest cached run of blocks at the start of its prompt, then prefills the rest. The
-stored tensors are copies of what the encoder produced, so a warm prefix is bit-identical to a cold one.
+stored tensors are copies of what the encoder produced; the rest's keys and values equal a cold prefill's bit for
+bit only if its chunks have the cold chunks' shapes, so under batch invariance the engine restores only up to
+where a cold prefill's chunk ends (`ModelRunner.start_cache`'s `ends`).
 """
 
 from __future__ import annotations

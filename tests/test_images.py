@@ -96,9 +96,13 @@ def vision(sharp_path):
     return VisionPrompt(processor, config.image_token_id), tokenizer
 
 
-def prompt_with(vision, images: list[Image.Image], text: str = "Compare these.") -> tuple[list[int], PromptImages]:
+def prompt_with(
+    vision, images: list[Image.Image], text: str = "Compare these.", after: str = ""
+) -> tuple[list[int], PromptImages]:
+    """A user turn of `text`, the images, then `after` (if any), rendered and encoded as the server does."""
     prompt, tokenizer = vision
     content = [{"type": "text", "text": text}, *({"type": "image"} for _ in images)]
+    content += [{"type": "text", "text": after}] if after else []
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                              tokenize=False)  # fmt: skip
     return prompt.encode(rendered, images)
@@ -196,19 +200,25 @@ def test_rows_with_and_without_images_answer_in_a_batch_as_alone(sharp_path, vis
 def test_prefix_cache_never_lends_one_pictures_keys_to_another(sharp_path, vision):
     """Same text, different pictures: the second prompt's image tokens (the same ids) must not hit the first's
     blocks; the same picture again does hit them, and every answer is what a cold engine gives."""
-    x_ids, x_images = prompt_with(vision, [picture(8, (60, 60))])
-    y_ids, y_images = prompt_with(vision, [picture(9, (60, 60))])
+    # Text after the picture, and 32-token chunks: restores end where a cold prefill's chunks end (batch
+    # invariance), so the prompt needs chunk ends on block boundaries past the picture.
+    after = " ".join(["Then say which one is brighter, and why, in detail."] * 4)
+    x_ids, x_images = prompt_with(vision, [picture(8, (60, 60))], after=after)
+    y_ids, y_images = prompt_with(vision, [picture(9, (60, 60))], after=after)
     assert x_ids == y_ids  # the token ids alone cannot tell the pictures apart
+    chunk = dict(prefill_chunk=32)
 
     def cold(ids, images):
-        engine = LLMEngine(EngineConfig(compile=False, dtype=EXACT, model=str(sharp_path), prefix_cache_tokens=0))
+        engine = LLMEngine(
+            EngineConfig(compile=False, dtype=EXACT, model=str(sharp_path), prefix_cache_tokens=0, **chunk)
+        )
         state = engine.make_request(ids, params(4), images=images.copy())
         engine.add_request(state)
         while engine.has_unfinished():
             engine.step(lambda s, e: None)
         return state.answer_ids
 
-    warm = LLMEngine(EngineConfig(compile=False, dtype=EXACT, model=str(sharp_path), prefix_cache_tokens=4096))
+    warm = LLMEngine(EngineConfig(compile=False, dtype=EXACT, model=str(sharp_path), prefix_cache_tokens=4096, **chunk))
     answers, hits = [], []
     for ids, images in ((x_ids, x_images), (y_ids, y_images), (x_ids, x_images)):
         state = warm.make_request(ids, params(4), images=images.copy())

@@ -10,10 +10,11 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.prefix_cache import BLOCK_TOKENS
 from engine.sampling_params import SamplingParams
 from engine.tiny_random import EOS_TOKEN_IDS
 from tests.helpers import run_to_end
+
+CHUNK = 128  # the engines' prefill_chunk
 
 
 def params(seed: int) -> SamplingParams:
@@ -29,13 +30,15 @@ def prompt(n: int, seed: int) -> list[int]:
 @pytest.fixture(scope="module")
 def cold_engine(tiny_path):
     return LLMEngine(
-        EngineConfig(compile=False, model=str(tiny_path), max_num_seqs=4, prefill_chunk=128, prefix_cache_tokens=0)
+        EngineConfig(compile=False, model=str(tiny_path), max_num_seqs=4, prefill_chunk=CHUNK, prefix_cache_tokens=0)
     )
 
 
 def warm_engine(tiny_path, tokens: int = 4096) -> LLMEngine:
     return LLMEngine(
-        EngineConfig(compile=False, model=str(tiny_path), max_num_seqs=4, prefill_chunk=128, prefix_cache_tokens=tokens)
+        EngineConfig(
+            compile=False, model=str(tiny_path), max_num_seqs=4, prefill_chunk=CHUNK, prefix_cache_tokens=tokens
+        )
     )
 
 
@@ -75,9 +78,45 @@ def test_seeded_answers_are_the_same_warm_or_cold(tiny_path, cold_engine):
     queried, hit = counter(engine, "prefix_cache_queries"), counter(engine, "prefix_cache_hits")
     lengths = [len(p) for p, _ in requests]
     assert queried == 2 * sum(lengths)
-    # First round: request 1 finds nothing; 2-4 find the system prompt's 6 blocks (192 tokens). Second round:
-    # every prompt finds all its own full blocks.
-    assert hit == 3 * 192 + sum(n // BLOCK_TOKENS * BLOCK_TOKENS for n in lengths)
+    # Restores end where a cold prefill's chunks end (multiples of 128 here). First round: request 1 finds
+    # nothing; 2-4 find the system prompt's 6 blocks (192 tokens) and restore 128 of them. Second round: every
+    # prompt finds all its own full blocks and restores up to its last chunk end among them.
+    assert hit == 3 * 128 + sum(n // CHUNK * CHUNK for n in lengths)
+
+
+def _prefilled_cache(engine: LLMEngine, ids: list[int]):
+    """The request's encoder cache after the engine's own prefill (restore, then chunks), and its restored length."""
+    state = engine.make_request(ids, params(1))
+    engine.add_request(state)
+    engine.scheduler.schedule()
+    while state.cached_len < len(ids) or state.cache is None:
+        engine._prefill(lambda *_: None)
+    engine.scheduler.finish(state)
+    return state.cache, state.prefix_hit
+
+
+@pytest.mark.parametrize("n", [33, 65, 100, 130, 200, 300])
+def test_a_prompt_met_again_is_encoded_bit_for_bit_as_cold(tiny_path, cold_engine, n):
+    """The same prompt twice, whatever its length: the second prefill restores what it can and encodes the rest,
+    and every layer's keys and values equal a cold prefill's bit for bit (restoring every cached block and
+    encoding a short rest alone gave other bits: GEMMs and attention of another shape)."""
+    engine = warm_engine(tiny_path)
+    ids = prompt(n, 100 + n)
+    cold, _ = _prefilled_cache(cold_engine, ids)
+    _prefilled_cache(engine, ids)
+    warm, hit = _prefilled_cache(engine, ids)
+    assert hit == n // CHUNK * CHUNK
+    for a, b in zip(cold.layers, warm.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_without_batch_invariance_every_cached_block_is_restored(tiny_path):
+    """The stock kernels' mode promises no bitwise reproducibility (as across batch sizes), so a prompt restores
+    every cached block it starts with, as vLLM's prefix caching does."""
+    engine = LLMEngine(EngineConfig(compile=False, model=str(tiny_path), prefill_chunk=CHUNK, batch_invariant=False))
+    ids = prompt(65, 7)
+    _prefilled_cache(engine, ids)
+    assert _prefilled_cache(engine, ids)[1] == 64
 
 
 def test_the_cache_is_bounded_least_recently_used_first(tiny_path):
