@@ -22,20 +22,22 @@ from engine import denoise
 
 @dataclass
 class Draws:
-    """One pass's random inputs for a batch: the Exp(1) race of every position and token and the ids that renoise
-    rejected positions. On CPU the race is held as the float64 uniforms u the CPU kernel draws (Exp(1) =
-    -log1p(-u), which the graph computes, fused into the proposal); greedy rows draw nothing for their proposal,
-    so their race is whatever the buffer holds and goes unused."""
+    """One pass's random inputs for a batch: the Exp(1) race of every position and token (unused for greedy rows,
+    which draw nothing for their proposal) and the ids that renoise rejected positions. On CPU the race comes from
+    float64 uniforms u, as the CPU kernel makes it (Exp(1) = -log1p(-u), see `denoise.exponential_draws`): drawn
+    row by row into `uniform`, then transformed for all rows at once."""
 
-    race: torch.Tensor  # (rows, canvas, vocab): float64 uniforms on CPU, float32 Exp(1) draws elsewhere
+    race: torch.Tensor  # (rows, canvas, vocab) float32
     noise: torch.Tensor  # (rows, canvas) int64
+    uniform: torch.Tensor | None = None  # (rows, canvas, vocab) float64, on CPU
 
     @classmethod
     def empty(cls, rows: int, canvas: int, vocab_size: int, device: torch.device) -> Draws:
-        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        shape = (rows, canvas, vocab_size)
         return cls(
-            race=torch.full((rows, canvas, vocab_size), 0.5, dtype=dtype, device=device),
+            race=torch.ones(shape, device=device),
             noise=torch.zeros((rows, canvas), dtype=torch.long, device=device),
+            uniform=torch.empty(shape, dtype=torch.float64) if device.type == "cpu" else None,
         )
 
 
@@ -44,13 +46,17 @@ def draw(draws: Draws, generators: list[torch.Generator | None], greedy: list[bo
     `denoise.exponential_draws`); rows past `len(generators)` (batch padding) keep whatever they hold."""
     canvas = draws.noise.shape[1]
     device = draws.noise.device
+    rows = len(generators)
     for i, (generator, is_greedy) in enumerate(zip(generators, greedy, strict=True)):
-        if not is_greedy:
-            if draws.race.dtype == torch.float64:
-                draws.race[i].uniform_(generator=generator)
-            else:
-                draws.race[i].exponential_(1, generator=generator)
+        if draws.uniform is None:
+            draws.race[i].fill_(1.0) if is_greedy else draws.race[i].exponential_(1, generator=generator)
+        else:  # a greedy row's race goes unused: any uniform will do, but a valid one
+            draws.uniform[i].fill_(0.5) if is_greedy else draws.uniform[i].uniform_(generator=generator)
         draws.noise[i] = denoise.random_canvas(canvas, vocab_size, generator, device)
+    if draws.uniform is not None and not all(greedy):
+        # One transform for all rows: per row it was a third of the draws' time at batch 8 here. (Inside the
+        # sampler graph it was slower at batch 8: inductor's float64 log1p.)
+        draws.race[:rows].copy_(draws.uniform[:rows].neg_().log1p_().neg_())
     return draws
 
 
@@ -69,15 +75,13 @@ def sample_batch(
     """One pass for `rows` canvases at once.
 
     logits (rows, canvas, vocab) fp32; temperature, entropy_bound, confidence_threshold (rows,) fp32; greedy
-    (rows,) bool; race and noise from `draw` (`Draws`); history (rows, S, canvas) int64, the last S argmax canvases,
+    (rows,) bool; race and noise from `draw`; history (rows, S, canvas) int64, the last S argmax canvases,
     and history_valid (rows, S) bool, which of them a row's own stability threshold looks at (the last ones).
 
     Returns the renoised canvases, the argmax canvases, the accepted masks, the pushed histories, the processed
     logits (kept for self-conditioning, in `sc_dtype`) and per row (accepted count, mean entropy, stable,
     confident) as fp32.
     """
-    if race.dtype == torch.float64:  # CPU uniforms: the Exp(1) race as the CPU kernel makes it
-        race = race.neg().log1p().neg().float()
     x = logits / temperature[:, None, None]
     argmax = x.argmax(dim=-1)
     log_probs = x - x.logsumexp(dim=-1, keepdim=True)
