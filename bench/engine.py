@@ -4,7 +4,8 @@ Both run on the same weights in the same process. transformers runs first, on th
 engine with stock kernels; then the engine with compiled passes (engine/compiled.py; its startup compile is
 timed); then the engine with its batch-invariant kernels (installed into the model), each with its
 batch-invariance rate (--kernels picks modes). With --interleave, transformers and the stock and compiled
-engines take turns instead, canvas by canvas, so their ratios see the same load on a shared machine. Random
+engines take turns instead, canvas by canvas and across batch sizes, so their ratios (batch 8 against batch 1
+too) see the same load on a shared machine. Random
 weights never get confident, so every canvas runs all its passes and pass time = canvas time / passes.
 
     python bench/engine.py --size tiny            # CPU, the built-in tiny-random model
@@ -23,7 +24,7 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 # This file is bench/engine.py: drop bench/ from the import path so `engine` is the package, not this script.
@@ -134,7 +135,7 @@ def time_engine(
     return best_of(engine_canvas(engine, batch, prompt_len, canvas, steps, dev), repeats)
 
 
-def time_interleaved(runners: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+def time_interleaved(runners: dict[Hashable, Callable[[], float]], repeats: int) -> dict[Hashable, float]:
     """Best of `repeats` canvases per runner, taking turns (after a warm-up canvas each): a slow spell of a
     shared machine then falls on every runner alike instead of on whichever ran during it."""
     for one_canvas in runners.values():
@@ -328,8 +329,9 @@ def main() -> None:
     ap.add_argument(
         "--interleave",
         action="store_true",
-        help="time transformers and the stock and compiled engines taking turns, canvas by canvas (a shared "
-        "machine's slow spells then fall on all of them alike); peak memory is then the peak of all of them",
+        help="time transformers and the stock and compiled engines at every batch size taking turns, canvas by "
+        "canvas (a shared machine's slow spells then fall on all of them alike); peak memory is then the peak of "
+        "all of them",
     )
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -344,20 +346,26 @@ def main() -> None:
     modes = list(MODES) if args.kernels == "all" else [m for m in MODES if m in args.kernels.split(",")]
     profiled = modes if args.profile == "all" else args.profile.split(",")
     # --interleave: the stock and compiled engines are built first and take turns with transformers, canvas by
-    # canvas; the batch-invariant mode (it swaps the model's kernels) still runs after them.
+    # canvas and batch size by batch size; the batch-invariant mode (it swaps the model's kernels) runs after them.
     engines, compile_s = {}, None
     for mode in [m for m in modes if m != "batch-invariant"] if args.interleave else []:
         engines[mode], startup_s = start_engine(mode, model, tokenizer, max(batches))
         compile_s = startup_s if mode == "compiled" else compile_s
-    rows = []
-    for b in batches:
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        runners = {"transformers": hf_canvas(model, b, prompt_len, canvas, args.steps, dev)}
-        runners |= {m: engine_canvas(e, b, prompt_len, canvas, args.steps, dev) for m, e in engines.items()}
-        rows.append({"batch": b})
-        for name, seconds in time_interleaved(runners, args.repeats).items():
-            record(rows[-1], name, seconds, canvas, args.steps, dev)
+    rows, turns = [{"batch": b} for b in batches], []
+    if args.interleave:  # every batch size and mode in turn, so the ratios across batch sizes are fair too
+        runners = {}
+        for b in batches:
+            runners[b, "transformers"] = hf_canvas(model, b, prompt_len, canvas, args.steps, dev)
+            runners |= {(b, m): engine_canvas(e, b, prompt_len, canvas, args.steps, dev) for m, e in engines.items()}
+        turns = [f"{name} batch {b}" for b, name in runners]  # each round's order
+        for (b, name), seconds in time_interleaved(runners, args.repeats).items():
+            record(rows[batches.index(b)], name, seconds, canvas, args.steps, dev)
+    else:
+        for row in rows:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            seconds = best_of(hf_canvas(model, row["batch"], prompt_len, canvas, args.steps, dev), args.repeats)
+            record(row, "transformers", seconds, canvas, args.steps, dev)
     invariance, profiles = {}, {}
     for mode in modes:
         if mode in engines:
@@ -392,6 +400,7 @@ def main() -> None:
                 "steps": args.steps,
                 "repeats": args.repeats,
                 "interleaved": args.interleave,
+                "turns": turns,
                 "prompt_len": prompt_len,
                 "canvas": canvas,
                 "rows": rows,
@@ -405,7 +414,7 @@ def main() -> None:
     (out / f"{tag}.md").write_text(table + "\n")
 
 
-TURNS = " (transformers, stock and compiled taking turns; peak GB: the peak of all three)"
+TURNS = " (transformers, stock and compiled at every batch size taking turns; peak GB: the peak of all)"
 
 
 def render(
