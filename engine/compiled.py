@@ -91,7 +91,7 @@ class CompiledPasses:
         # Precompiled graphs (CPU, whole-graph forwards): each bucket's decoder and each (bucket, history depth)
         # sampler is compiled ahead (`aot_compile`) into a function this object calls directly, without Dynamo's
         # dispatch. That dispatch (a cache lookup evaluating guards on every module of the model, twice a pass)
-        # and its glue were over a third of a compiled tiny batch-1 pass on CPU (2.9 -> 1.7 ms per pass, README).
+        # and its glue were over a third of a compiled tiny batch-1 pass on CPU (2.9 -> 1.5 ms per pass, README).
         # Dropping the guards is safe here, where dropping them from Dynamo's dispatch was not (Dynamo caches
         # graphs per code object, so a second engine in the process reran the first one's graph): these functions
         # belong to this object, read the model's weights at each call, and only ever see the shapes, dtypes and

@@ -222,7 +222,7 @@ def test_compiled_server_is_not_ready_until_compiled_and_answers_like_eager(tiny
     from tests.conftest import ServerProcess
 
     proc = ServerProcess(["--model", str(tiny_path), "--served-model-name", "tiny-random", "--compile",
-                          "--max-num-seqs", "2"])  # fmt: skip
+                          "--max-num-seqs", "1"])  # fmt: skip
     try:
         first = None
         while first is None:
