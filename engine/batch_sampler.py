@@ -56,7 +56,7 @@ def draw(draws: Draws, generators: list[torch.Generator | None], greedy: list[bo
     if draws.uniform is not None and not all(greedy):
         # One transform for all rows: per row it was a third of the draws' time at batch 8 here. (Inside the
         # sampler graph it was slower at batch 8: inductor's float64 log1p.)
-        draws.race[:rows].copy_(draws.uniform[:rows].neg_().log1p_().neg_())
+        draws.race[:rows].copy_(denoise.exponential_from_uniform_(draws.uniform[:rows]))
     return draws
 
 

@@ -80,8 +80,12 @@ def exponential_draws(shape: torch.Size | tuple[int, ...], generator: torch.Gene
     """
     if torch.device(device).type != "cpu":
         return torch.empty(shape, device=device).exponential_(1, generator=generator)
-    uniform = torch.empty(shape, dtype=torch.float64).uniform_(generator=generator)
-    return uniform.neg_().log1p_().neg_().float()
+    return exponential_from_uniform_(torch.empty(shape, dtype=torch.float64).uniform_(generator=generator)).float()
+
+
+def exponential_from_uniform_(uniform: torch.Tensor) -> torch.Tensor:
+    """The CPU exponential kernel's transform of its float64 uniforms u, -log1p(-u), in place."""
+    return uniform.neg_().log1p_().neg_()
 
 
 def accept_mask(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
